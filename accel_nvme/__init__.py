@@ -1,0 +1,14 @@
+"""accel_nvme: an ``"nvme"`` tier for accelerate's ``device_map``, streamed from fast disks.
+
+Importing the package makes ``accelerate.dispatch_model`` (and the copies transformers and diffusers bind) accept
+``"nvme"`` values.
+"""
+
+from .config import NvmeConfig
+from .dispatch import dispatch_model, install
+from .hooks import NvmeAlignDevicesHook
+
+__all__ = ["NvmeAlignDevicesHook", "NvmeConfig", "dispatch_model"]
+__version__ = "0.1.0"
+
+install()

@@ -1,0 +1,130 @@
+"""Reading byte ranges of group files into page-aligned staging buffers.
+
+O_DIRECT reads bypass the page cache, so streaming a model bigger than RAM does not evict everything else; where the
+filesystem refuses O_DIRECT (tmpfs, some FUSE mounts) reads fall back to buffered I/O followed by
+``posix_fadvise(DONTNEED)``, which keeps the page cache from growing. Requests run on a small thread pool
+(``os.preadv`` releases the GIL) to keep several in flight.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .format import ALIGNMENT, GroupFileError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Copy ``length`` bytes at ``file_offset`` of ``path`` to ``buffer_offset``; ``needed`` of them must exist."""
+
+    path: Path
+    file_offset: int
+    length: int
+    buffer_offset: int
+    needed: int
+
+
+class StagingBuffer:
+    """A page-aligned host slab, registered as pinned memory once when it feeds a CUDA device."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes = max(ALIGNMENT, nbytes)
+        self._mmap = mmap.mmap(-1, self.nbytes)
+        self.view = memoryview(self._mmap)
+        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self.pinned = False
+        if pin:
+            result = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
+            if int(result) != 0:
+                raise RuntimeError(f"cudaHostRegister of a {self.nbytes}-byte staging buffer failed ({result})")
+            self.pinned = True
+
+    def close(self) -> None:
+        """Unpin and unmap; a tensor view still held by someone keeps the memory alive until it is dropped."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+        self.tensor = None
+        self.view.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            logger.debug("staging buffer still viewed by a tensor; it is freed when that tensor is")
+
+
+class FileReader:
+    """Reads segments of files into staging buffers on a thread pool, O_DIRECT when the filesystem allows it."""
+
+    def __init__(self, direct_io: str = "auto", io_threads: int = 4, request_bytes: int = 4 << 20):
+        self.direct_io = direct_io
+        self.request_bytes = request_bytes
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="accel-nvme-io")
+        self._fds: dict[Path, tuple[int, bool]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _fd(self, path: Path) -> tuple[int, bool]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the reader was closed (its hooks were removed)")
+            if path not in self._fds:
+                self._fds[path] = self._open(path)
+            return self._fds[path]
+
+    def _open(self, path: Path) -> tuple[int, bool]:
+        if self.direct_io != "off":
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
+            except OSError as e:
+                if e.errno != errno.EINVAL or self.direct_io == "on":
+                    raise
+                logger.info("%s: filesystem refuses O_DIRECT, using buffered reads + fadvise(DONTNEED)", path)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+
+    def submit(self, segments: list[Segment], buffer: StagingBuffer) -> list[Future]:
+        """Queue the reads of ``segments`` into ``buffer``; each future raises naming the file on failure."""
+        futures = []
+        for seg in segments:
+            for start in range(0, seg.length, self.request_bytes):
+                length = min(self.request_bytes, seg.length - start)
+                needed = max(0, min(length, seg.needed - start))
+                futures.append(
+                    self._pool.submit(
+                        self._read, seg.path, seg.file_offset + start, length, buffer, seg.buffer_offset + start, needed
+                    )
+                )
+        return futures
+
+    def _read(self, path: Path, offset: int, length: int, buffer: StagingBuffer, at: int, needed: int) -> int:
+        try:
+            fd, direct = self._fd(path)
+            got = os.preadv(fd, [buffer.view[at : at + length]], offset)
+            if not direct:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            raise GroupFileError(f"{path}: reading {length} bytes at offset {offset} failed: {e}") from e
+        if got < needed:
+            raise GroupFileError(
+                f"{path}: expected {needed} bytes at offset {offset}, read {got} (was the file truncated or replaced?)"
+            )
+        return got
+
+    def close(self) -> None:
+        """Finish queued reads, stop the threads and close every file descriptor."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -1,0 +1,276 @@
+"""The schedule: which groups are read ahead, into which staging buffer, and when a buffer is free again.
+
+Groups are read ``depth`` ahead of the one in use, following the order recorded during the first forward and
+wrapping around to the first groups, so the next forward (next token, next denoising step) starts warm. On CUDA the
+I/O thread that completes a read also issues the host-to-device copy on a side stream and records an event; the
+compute stream waits on that event, and the device memory is released with ``record_stream`` so the caching
+allocator does not reuse it before the compute stream is done with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .format import GroupFileError
+from .io import FileReader, Segment, StagingBuffer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """Where one member tensor sits in its group's staging buffer."""
+
+    name: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class GroupSource:
+    """How to bring one group into a buffer: the segments to read, the views to take, the checksum to verify."""
+
+    index: int
+    name: str
+    segments: tuple[Segment, ...]
+    nbytes: int
+    views: tuple[TensorView, ...]
+    checksum: tuple[int, int, str] | None = None
+
+
+@dataclass
+class PrefetchStats:
+    """Cumulative counters of one prefetcher."""
+
+    groups_read: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    stall_seconds: float = 0.0
+
+
+@dataclass
+class _Slot:
+    source: GroupSource
+    buffer: StagingBuffer | None
+    done: threading.Event = field(default_factory=threading.Event)
+    pending: int = 0
+    error: BaseException | None = None
+    device_data: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+    users: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Prefetcher:
+    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and hands out tensor views of them."""
+
+    def __init__(self, sources: list[GroupSource], device: torch.device, reader: FileReader, depth: int = 2):
+        self.sources = sources
+        self.device = device
+        self.depth = depth
+        self.reader = reader
+        self.stats = PrefetchStats()
+        self.schedule = list(range(len(sources)))
+        self._recorded: list[int] | None = []
+        self._slots: dict[int, _Slot] = {}
+        self._max_slots = depth + 1
+        self._cuda = device.type == "cuda"
+        self._side_stream = torch.cuda.Stream(device) if self._cuda else None
+        largest = max((s.nbytes for s in sources), default=0)
+        self._buffers = [StagingBuffer(largest, pin=self._cuda) for _ in range(self._max_slots)]
+        self._free = list(self._buffers)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._attached = 0
+
+    def attach(self) -> None:
+        """A hook starts using this prefetcher."""
+        self._attached += 1
+
+    def detach(self) -> None:
+        """A hook stops using this prefetcher; the last one closes it."""
+        self._attached -= 1
+        if self._attached == 0:
+            self.close()
+
+    def acquire(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of group ``index`` on the execution device, ready for the compute stream."""
+        with self._cond:
+            self._record(index)
+            slot = self._slots.get(index)
+            if slot is None:
+                slot = self._start_now(index)
+            slot.users += 1
+            self._top_up(index)
+        if not slot.done.is_set():
+            waited = time.perf_counter()
+            slot.done.wait()
+            self.stats.stall_seconds += time.perf_counter() - waited
+        if slot.error is not None:
+            with self._cond:
+                self._drop(index)
+            raise slot.error
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.copied)
+            data = slot.device_data
+        else:
+            data = slot.buffer.tensor
+        return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in slot.source.views}
+
+    def release(self, index: int) -> None:
+        """The module is done with group ``index``: its buffer may be refilled."""
+        with self._cond:
+            slot = self._slots.get(index)
+            if slot is None:
+                return
+            slot.users -= 1
+            if slot.users == 0:
+                if self._cuda:
+                    slot.device_data.record_stream(torch.cuda.current_stream(self.device))
+                self._drop(index)
+                self._top_up(index)
+
+    def _record(self, index: int) -> None:
+        if self._recorded is None:
+            return
+        if index in self._recorded:
+            seen = set(self._recorded)
+            self.schedule = self._recorded + [i for i in range(len(self.sources)) if i not in seen]
+            self._recorded = None
+            logger.debug("recorded group order: %s", self.schedule)
+        else:
+            self._recorded.append(index)
+
+    def _upcoming(self, index: int) -> list[int]:
+        position = self.schedule.index(index)
+        count = min(self.depth, len(self.schedule) - 1)
+        return [self.schedule[(position + k) % len(self.schedule)] for k in range(1, count + 1)]
+
+    def _top_up(self, index: int) -> None:
+        wanted = self._upcoming(index)
+        for other, slot in list(self._slots.items()):
+            if slot.users == 0 and other not in wanted and slot.done.is_set():
+                self._drop(other)
+        for group in wanted:
+            if group not in self._slots and self._free and len(self._slots) < self._max_slots:
+                self._start(group)
+
+    def _start_now(self, index: int) -> _Slot:
+        while not self._free or len(self._slots) >= self._max_slots:
+            idle = [i for i, s in self._slots.items() if s.users == 0]
+            if not idle and len(self._slots) >= self._max_slots:
+                raise RuntimeError(
+                    f"{len(self._slots)} nvme groups are in use at once, more than prefetch_depth + 1 = "
+                    f"{self._max_slots}; raise prefetch_depth"
+                )
+            for i in idle:
+                slot = self._slots[i]
+                self._cond.wait_for(slot.done.is_set)
+                if self._slots.get(i) is slot and slot.users == 0:
+                    self._drop(i)
+            if not self._free:
+                self._cond.wait()
+        return self._start(index)
+
+    def _start(self, index: int) -> _Slot:
+        if self._closed:
+            raise RuntimeError("the prefetcher was closed (its hooks were removed)")
+        source = self.sources[index]
+        slot = _Slot(source, self._free.pop())
+        self._slots[index] = slot
+        futures = self.reader.submit(list(source.segments), slot.buffer)
+        slot.pending = len(futures)
+        if not futures:
+            self._finish(slot)
+        for future in futures:
+            future.add_done_callback(lambda f, s=slot: self._on_read(s, f))
+        return slot
+
+    def _on_read(self, slot: _Slot, future: Future) -> None:
+        with self._cond:
+            if future.cancelled():
+                slot.error = slot.error or RuntimeError(f"read of nvme group {slot.source.name!r} was cancelled")
+            elif future.exception() is not None:
+                slot.error = slot.error or future.exception()
+            slot.pending -= 1
+            last = slot.pending == 0
+        if last:
+            self._finish(slot)
+
+    def _finish(self, slot: _Slot) -> None:
+        try:
+            if slot.error is None:
+                self.stats.groups_read += 1
+                self.stats.bytes_read += slot.source.nbytes
+                self.stats.read_seconds += time.perf_counter() - slot.started
+                self._verify(slot)
+                if self._cuda:
+                    self._copy_to_device(slot)
+        except BaseException as e:
+            slot.error = e
+        finally:
+            with self._cond:
+                slot.done.set()
+                self._cond.notify_all()
+
+    def _verify(self, slot: _Slot) -> None:
+        if slot.source.checksum is None:
+            return
+        offset, length, expected = slot.source.checksum
+        actual = hashlib.sha256(slot.buffer.view[offset : offset + length]).hexdigest()
+        if actual != expected:
+            path = slot.source.segments[0].path
+            raise GroupFileError(
+                f"{path}: SHA-256 of the data is {actual}, the manifest says {expected}; the file is damaged "
+                "(run `accel-nvme verify`, or delete the folder to have it rewritten)"
+            )
+
+    def _copy_to_device(self, slot: _Slot) -> None:
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):
+            slot.device_data = torch.empty(slot.source.nbytes, dtype=torch.uint8, device=self.device)
+            slot.device_data.copy_(slot.buffer.tensor[: slot.source.nbytes], non_blocking=True)
+            slot.copied = torch.cuda.Event()
+            slot.copied.record(self._side_stream)
+        slot.copied.synchronize()
+        with self._cond:
+            self._free.append(slot.buffer)
+            slot.buffer = None
+            self._cond.notify_all()
+
+    def _drop(self, index: int) -> None:
+        slot = self._slots.pop(index)
+        slot.device_data = None
+        if slot.buffer is not None:
+            self._free.append(slot.buffer)
+            slot.buffer = None
+        self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wait for reads in flight, stop the reader's threads, close its files and free every staging buffer."""
+        with self._cond:
+            self._closed = True
+            slots = list(self._slots.values())
+        for slot in slots:
+            slot.done.wait()
+        with self._cond:
+            self._slots.clear()
+            self._free.clear()
+        self.reader.close()
+        for buffer in self._buffers:
+            buffer.close()
+        self._buffers = []

@@ -1,0 +1,264 @@
+"""The offload directory: one content-addressed folder per set of weights, with a manifest written last.
+
+``<offload_dir>/accel-nvme-<fingerprint>/`` holds ``group-NNNNN.safetensors`` files and ``manifest.json``. The
+fingerprint hashes every tensor's name, dtype, shape and bytes plus the grouping, so re-dispatching the same weights
+finds and reuses the folder, and different weights or another model can never be served from it. A folder appears
+under its final name only once complete (written under a temporary name, then renamed), and writers of the same
+fingerprint serialise on a lock file, so nobody reads a half-written group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .format import (
+    DTYPE_TO_SAFETENSORS,
+    GroupFileError,
+    TensorEntry,
+    read_layout,
+    storage_order,
+    tensor_bytes,
+    write_group,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FOLDER_PREFIX = "accel-nvme-"
+
+
+class StoreError(RuntimeError):
+    """An offload folder cannot be used; the message names the folder and what to do."""
+
+
+@dataclass
+class GroupPlan:
+    """What one group must hold: tensors it stores, and every member name mapped to its canonical tensor name."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    members: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredGroup:
+    """One group file as recorded in the manifest."""
+
+    index: int
+    name: str
+    path: Path
+    data_offset: int
+    data_bytes: int
+    sha256: str
+    entries: tuple[TensorEntry, ...]
+    members: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A complete, validated offload folder: its groups and where each tensor lives."""
+
+    folder: Path
+    fingerprint: str
+    groups: tuple[StoredGroup, ...]
+    tensors: dict[str, tuple[StoredGroup, TensorEntry]]
+
+    def locate(self, name: str) -> tuple[StoredGroup, TensorEntry]:
+        """The group file and byte range of a canonical tensor name."""
+        return self.tensors[name]
+
+
+def _hash_group(plan: GroupPlan) -> str:
+    digest = hashlib.sha256()
+    for name in storage_order(plan.tensors):
+        digest.update(tensor_bytes(plan.tensors[name]))
+    return digest.hexdigest()
+
+
+def fingerprint(plans: list[GroupPlan], data_hashes: list[str]) -> str:
+    """Hash of the format version, the grouping, every tensor's name/dtype/shape and every group's bytes."""
+    spec = {
+        "version": FORMAT_VERSION,
+        "groups": [
+            {
+                "name": plan.name,
+                "tensors": [
+                    [
+                        n,
+                        DTYPE_TO_SAFETENSORS.get(plan.tensors[n].dtype, str(plan.tensors[n].dtype)),
+                        list(plan.tensors[n].shape),
+                    ]
+                    for n in storage_order(plan.tensors)
+                ],
+                "members": sorted(plan.members.items()),
+                "sha256": data_hash,
+            }
+            for plan, data_hash in zip(plans, data_hashes, strict=True)
+        ],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def materialize(offload_dir: str | os.PathLike, plans: list[GroupPlan], io_threads: int = 4) -> Manifest:
+    """Return the manifest of a folder holding exactly these groups, reusing a valid one or writing it."""
+    root = Path(offload_dir)
+    if not root.parent.is_dir():
+        raise StoreError(f"offload folder {root}: its parent {root.parent} does not exist")
+    root.mkdir(exist_ok=True)
+    with ThreadPoolExecutor(max(1, io_threads)) as pool:
+        data_hashes = list(pool.map(_hash_group, plans))
+    fp = fingerprint(plans, data_hashes)
+    folder = root / f"{FOLDER_PREFIX}{fp}"
+    with _locked(root / f".{FOLDER_PREFIX}{fp}.lock"):
+        if folder.exists():
+            try:
+                manifest = load_manifest(folder)
+                if manifest.fingerprint == fp:
+                    logger.info("reusing offload folder %s", folder)
+                    return manifest
+                logger.warning("%s: manifest fingerprint %s does not match, rewriting", folder, manifest.fingerprint)
+            except (StoreError, GroupFileError) as e:
+                logger.warning("%s is not a valid offload folder (%s), rewriting it", folder, e)
+            shutil.rmtree(folder)
+        for stale in root.glob(f".{FOLDER_PREFIX}{fp}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _write_folder(root, folder, fp, plans, data_hashes)
+        return load_manifest(folder)
+
+
+def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan], data_hashes: list[str]) -> None:
+    tmp = root / f".{FOLDER_PREFIX}{fp}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        groups = []
+        for index, (plan, data_hash) in enumerate(
+            tqdm(list(zip(plans, data_hashes, strict=True)), desc="Writing nvme groups", unit="group", leave=False)
+        ):
+            file_name = f"group-{index:05d}.safetensors"
+            layout = write_group(tmp / file_name, plan.tensors)
+            groups.append(
+                {
+                    "name": plan.name,
+                    "file": file_name,
+                    "data_offset": layout.data_offset,
+                    "data_bytes": layout.data_bytes,
+                    "sha256": data_hash,
+                    "members": plan.members,
+                }
+            )
+        manifest = {"format": "accel_nvme", "version": FORMAT_VERSION, "fingerprint": fp, "groups": groups}
+        with open(tmp / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, folder)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %d groups to %s", len(plans), folder)
+
+
+def load_manifest(folder: str | os.PathLike) -> Manifest:
+    """Read and check a folder's manifest against the headers of its group files."""
+    folder = Path(folder)
+    try:
+        with open(folder / MANIFEST_NAME) as f:
+            raw = json.load(f)
+    except FileNotFoundError as e:
+        raise StoreError(f"{folder}: no {MANIFEST_NAME}; the folder is incomplete and is never trusted") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{folder / MANIFEST_NAME}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict) or raw.get("format") != "accel_nvme":
+        raise StoreError(f"{folder / MANIFEST_NAME}: not an accel_nvme manifest")
+    if raw.get("version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{folder / MANIFEST_NAME}: format version {raw.get('version')!r}, this accel_nvme reads {FORMAT_VERSION}"
+        )
+    groups = []
+    try:
+        for index, g in enumerate(raw["groups"]):
+            path = folder / g["file"]
+            layout = read_layout(path)
+            if layout.data_offset != g["data_offset"] or layout.data_bytes != g["data_bytes"]:
+                raise GroupFileError(f"{path}: header does not match {folder / MANIFEST_NAME}")
+            groups.append(
+                StoredGroup(
+                    index,
+                    g["name"],
+                    path,
+                    layout.data_offset,
+                    layout.data_bytes,
+                    g["sha256"],
+                    layout.entries,
+                    dict(g["members"]),
+                )
+            )
+        fp = raw["fingerprint"]
+    except (KeyError, TypeError) as e:
+        raise StoreError(f"{folder / MANIFEST_NAME}: malformed manifest ({e!r})") from e
+    tensors = {e.name: (g, e) for g in groups for e in g.entries}
+    for group in groups:
+        for member, canonical in group.members.items():
+            if canonical not in tensors:
+                raise StoreError(f"{folder / MANIFEST_NAME}: {member!r} points at {canonical!r}, which no group holds")
+    return Manifest(folder, fp, tuple(groups), tensors)
+
+
+class StoredWeights(Mapping):
+    """A read-only ``name -> tensor`` view of a folder, for accelerate's ``weights_map`` and ``save_pretrained``."""
+
+    def __init__(self, manifest: Manifest, prefix: str = ""):
+        self.manifest = manifest
+        self.prefix = prefix
+        self._members = {
+            name[len(prefix) :]: canonical
+            for group in manifest.groups
+            for name, canonical in group.members.items()
+            if name.startswith(prefix)
+        }
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        group, entry = self.manifest.locate(self._members[key])
+        with safe_open(group.path, framework="pt") as f:
+            return f.get_tensor(entry.name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)

@@ -1,0 +1,25 @@
+import subprocess
+import uuid
+
+import pytest
+
+import accel_nvme  # noqa: F401  (installs the "nvme" tier into accelerate)
+
+
+@pytest.fixture
+def offload_dir(tmp_path):
+    path = tmp_path / "offload"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A mounted ramfs, a filesystem that refuses O_DIRECT (needs root)."""
+    mountpoint = tmp_path / f"ramfs-{uuid.uuid4().hex[:8]}"
+    mountpoint.mkdir()
+    result = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount ramfs (needs root): {result.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)

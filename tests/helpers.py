@@ -1,0 +1,71 @@
+"""Tiny models and small utilities shared by the tests."""
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """A residual MLP block with a persistent and a non-persistent buffer."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.register_buffer("scale", torch.rand(width) + 0.5)
+        self.register_buffer("shift", torch.rand(width), persistent=False)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x)) * self.scale + self.shift
+
+
+class TinyLM(nn.Module):
+    """Embedding, nested blocks, and a head tied to the embedding."""
+
+    def __init__(self, vocab: int = 97, width: int = 32, depth: int = 4, tie: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.body = nn.Module()
+        self.body.layers = nn.ModuleList(Block(width) for _ in range(depth))
+        self.body.final = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.body.layers:
+            h = layer(h)
+        return self.head(self.body.final(h))
+
+
+def tiny_lm(dtype=torch.float32, seed: int = 0, **kwargs) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(**kwargs).to(dtype).eval()
+
+
+def reference(model: nn.Module, *inputs):
+    with torch.inference_mode():
+        return model(*inputs)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def cached_bytes(path) -> int:
+    """How many bytes of ``path`` sit in the page cache (mincore over a read-only mapping)."""
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, 1, 1, f.fileno(), 0)  # PROT_READ, MAP_SHARED
+    pages = (size + 4095) // 4096
+    vector = (ctypes.c_ubyte * pages)()
+    rc = libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector)
+    libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    assert rc == 0, f"mincore failed with errno {ctypes.get_errno()}"
+    return sum(v & 1 for v in vector) * 4096

@@ -1,0 +1,220 @@
+import threading
+
+import accelerate
+import pytest
+import torch
+from accelerate.hooks import remove_hook_from_submodules
+from helpers import open_fds, reference, tiny_lm
+from safetensors import safe_open
+
+import accel_nvme
+from accel_nvme import NvmeAlignDevicesHook, NvmeConfig
+from accel_nvme.format import read_layout
+from accel_nvme.store import FOLDER_PREFIX
+
+IDS = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+LAYERS = [f"body.layers.{i}" for i in range(4)]
+
+DEVICE_MAPS = {
+    "all_nvme": {"": "nvme"},
+    "every_module_nvme": {"embed": "nvme", **dict.fromkeys(LAYERS, "nvme"), "body.final": "nvme", "head": "nvme"},
+    "nvme_between_cpu": {
+        "embed": "cpu",
+        "body.layers.0": "cpu",
+        "body.layers.1": "nvme",
+        "body.layers.2": "nvme",
+        "body.layers.3": "cpu",
+        "body.final": "nvme",
+        "head": "cpu",
+    },
+    "container_entry": {"embed": "cpu", "body.layers": "nvme", "body.final": "cpu", "head": "cpu"},
+    "tied_head_on_nvme_embed_on_cpu": {"embed": "cpu", "body": "nvme", "head": "nvme"},
+    "tied_across_nvme_groups": {"embed": "nvme", "body": "cpu", "head": "nvme"},
+}
+
+
+def nvme_hooks(model):
+    return [m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", sorted(DEVICE_MAPS))
+@pytest.mark.parametrize("entry_point", ["accel_nvme", "accelerate"])
+def test_outputs_equal_no_offload_over_repeated_forwards(offload_dir, dtype, shape, entry_point):
+    expected = reference(tiny_lm(dtype), IDS)
+    model = tiny_lm(dtype)
+    dispatch = accel_nvme.dispatch_model if entry_point == "accel_nvme" else accelerate.dispatch_model
+    model = dispatch(model, DEVICE_MAPS[shape], offload_dir=offload_dir, main_device="cpu")
+    assert nvme_hooks(model)
+    with torch.inference_mode():
+        for _ in range(4):
+            assert torch.equal(model(IDS), expected)
+
+
+def test_batch_and_sequence_changes_stay_exact(offload_dir):
+    reference_model = tiny_lm()
+    model = accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    with torch.inference_mode():
+        for n in (1, 5, 2, 7):
+            ids = IDS[:, :n]
+            assert torch.equal(model(ids), reference_model(ids))
+
+
+def test_group_files_open_with_safe_open_and_are_aligned(offload_dir):
+    original = tiny_lm().state_dict()
+    accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    (folder,) = [p for p in offload_dir.iterdir() if p.name.startswith(FOLDER_PREFIX)]
+    files = sorted(folder.glob("group-*.safetensors"))
+    assert len(files) == 7
+    seen = set()
+    for path in files:
+        assert read_layout(path).data_offset % 4096 == 0
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                assert torch.equal(f.get_tensor(key), original[key]), key
+                seen.add(key)
+    assert "embed.weight" in seen and "head.weight" not in seen, "a tied weight is written once"
+    assert "body.layers.0.scale" not in seen, "buffers stay resident unless offload_buffers=True"
+
+
+def test_offload_buffers_streams_persistent_buffers(offload_dir):
+    expected = reference(tiny_lm(), IDS)
+    model = accel_nvme.dispatch_model(tiny_lm(), {"": "nvme"}, offload_dir=offload_dir, offload_buffers=True)
+    assert model.body.layers[0].scale.device.type == "meta"
+    assert model.body.layers[0].shift.device.type == "cpu", "non-persistent buffers are never offloaded"
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(model(IDS), expected)
+
+
+def test_redispatch_writes_nothing_and_changed_weights_are_not_served_stale(offload_dir):
+    accel_nvme.dispatch_model(tiny_lm(), {"": "nvme"}, offload_dir=offload_dir)
+    (folder,) = [p for p in offload_dir.iterdir() if p.name.startswith(FOLDER_PREFIX)]
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    accel_nvme.dispatch_model(tiny_lm(), {"": "nvme"}, offload_dir=offload_dir)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()} == before
+
+    changed = tiny_lm()
+    with torch.no_grad():
+        changed.body.layers[2].mlp[0].weight[0, 0] += 1.0
+    expected = reference(changed, IDS)
+    model = accel_nvme.dispatch_model(changed, {"": "nvme"}, offload_dir=offload_dir)
+    with torch.inference_mode():
+        assert torch.equal(model(IDS), expected)
+
+
+def test_two_models_in_one_folder_both_stay_correct(offload_dir):
+    a_expected, b_expected = reference(tiny_lm(seed=1), IDS), reference(tiny_lm(seed=2, width=48), IDS)
+    a = accel_nvme.dispatch_model(tiny_lm(seed=1), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    b = accel_nvme.dispatch_model(tiny_lm(seed=2, width=48), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(a(IDS), a_expected)
+            assert torch.equal(b(IDS), b_expected)
+
+
+def test_hf_device_map_keeps_disk_and_nvme_map_keeps_nvme(offload_dir):
+    device_map = DEVICE_MAPS["nvme_between_cpu"]
+    model = accel_nvme.dispatch_model(tiny_lm(), device_map, offload_dir=offload_dir)
+    assert model.hf_device_map == {k: ("disk" if v == "nvme" else v) for k, v in device_map.items()}
+    assert model.nvme_device_map == device_map
+
+
+def test_nothing_is_written_by_accelerate(offload_dir):
+    accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    written = [p.name for p in offload_dir.rglob("*") if p.is_file()]
+    assert not [name for name in written if name.endswith(".dat") or name == "index.json"]
+
+
+def test_weights_map_serves_the_stored_tensors(offload_dir):
+    original = tiny_lm().state_dict()
+    model = accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    hook = model.body.layers[1]._hf_hook
+    assert set(hook.weights_map) == {
+        k.removeprefix("body.layers.1.") for k in original if k.startswith("body.layers.1.") and not k.endswith("scale")
+    }
+    for key in hook.weights_map:
+        assert torch.equal(hook.weights_map[key], original[f"body.layers.1.{key}"])
+
+
+def test_missing_offload_dir_is_a_clear_error():
+    with pytest.raises(ValueError, match="no offload_dir"):
+        accel_nvme.dispatch_model(tiny_lm(), {"": "nvme"})
+
+
+def test_unknown_module_is_a_clear_error(offload_dir):
+    with pytest.raises(ValueError, match="not modules of TinyLM"):
+        accel_nvme.dispatch_model(tiny_lm(), {"": "cpu", "body.nope": "nvme"}, offload_dir=offload_dir)
+    assert list(offload_dir.iterdir()) == []
+
+
+def test_mixing_disk_and_nvme_is_refused(offload_dir):
+    with pytest.raises(ValueError, match="mixes 'disk'"):
+        accel_nvme.dispatch_model(tiny_lm(), {"embed": "disk", "body": "nvme", "head": "cpu"}, offload_dir=offload_dir)
+
+
+def test_grad_enabled_forward_on_trainable_weights_raises(offload_dir):
+    model = accel_nvme.dispatch_model(tiny_lm(), {"": "nvme"}, offload_dir=offload_dir)
+    with pytest.raises(RuntimeError, match="inference only"):
+        model(IDS)
+    with torch.no_grad():
+        model(IDS)
+    model.requires_grad_(False)
+    model(IDS)
+
+
+def test_removing_hooks_stops_threads_closes_files_and_restores_weights(offload_dir):
+    expected = reference(tiny_lm(), IDS)
+    threads = {t.ident for t in threading.enumerate()}
+    fds = open_fds()
+    model = accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    with torch.inference_mode():
+        model(IDS)
+    remove_hook_from_submodules(model)
+    alive = [t for t in threading.enumerate() if t.ident not in threads and t.name.startswith("accel-nvme")]
+    assert alive == []
+    assert open_fds() == fds
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with torch.inference_mode():
+        assert torch.equal(model(IDS), expected)
+
+
+def test_transformers_bound_dispatch_model_is_patched():
+    import transformers.integrations.accelerate as hf_accelerate
+
+    assert hf_accelerate.dispatch_model is accel_nvme.dispatch_model
+    assert accelerate.big_modeling.dispatch_model is accel_nvme.dispatch_model
+
+
+def test_verify_on_read_detects_a_flipped_byte(offload_dir):
+    config = NvmeConfig(verify_on_read=True)
+    model = accel_nvme.dispatch_model(
+        tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir, config=config
+    )
+    with torch.inference_mode():
+        model(IDS)
+    hook = model.body.layers[2]._hf_hook
+    path = hook.prefetcher.sources[hook.group].segments[0].path
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with torch.inference_mode(), pytest.raises(Exception, match=f"{path}.*SHA-256"):
+        for _ in range(2):
+            model(IDS)
+
+
+def test_io_error_is_raised_in_the_forward_that_needs_the_group(offload_dir):
+    model = accel_nvme.dispatch_model(
+        tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir, config=NvmeConfig(prefetch_depth=1)
+    )
+    with torch.inference_mode():
+        model(IDS)
+        hook = model.body.layers[3]._hf_hook
+        path = hook.prefetcher.sources[hook.group].segments[0].path
+        original = path.read_bytes()
+        path.write_bytes(original[: 4096 + 100])
+        with pytest.raises(Exception, match=str(path)):
+            for _ in range(2):
+                model(IDS)
+        path.write_bytes(original)
+        assert torch.equal(model(IDS), reference(tiny_lm(), IDS))
