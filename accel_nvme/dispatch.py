@@ -18,7 +18,7 @@ from typing import Any
 
 import accelerate.big_modeling
 import torch
-from accelerate.hooks import add_hook_to_module, remove_hook_from_submodules
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
 
 from .config import NvmeConfig
@@ -81,7 +81,7 @@ def dispatch_model(
         )
     for index, (name, module) in enumerate(groups):
         prefix = f"{name}." if name else ""
-        remove_hook_from_submodules(module)
+        _remove_accelerate_hooks(module)
         hook = NvmeAlignDevicesHook(
             prefetcher,
             index,
@@ -96,6 +96,15 @@ def dispatch_model(
     model.nvme_device_map = dict(device_map)
     logger.info("%d nvme groups streaming from %s", len(groups), manifest.folder)
     return model
+
+
+def _remove_accelerate_hooks(module: torch.nn.Module) -> None:
+    """Remove the hooks accelerate attached, without its detach reloading tensors (ours are meta, or tied)."""
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        if isinstance(hook, AlignDevicesHook):
+            hook.offload = False
+    remove_hook_from_submodules(module)
 
 
 class _DropMetaWarning(logging.Filter):

@@ -6,6 +6,8 @@ import os
 import torch
 from torch import nn
 
+IDS_SEED = 1
+
 
 class Block(nn.Module):
     """A residual MLP block with a persistent and a non-persistent buffer."""
