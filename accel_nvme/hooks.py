@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Mapping
 
 import torch
-from accelerate.hooks import AlignDevicesHook, _compiler_disable
+from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
 
 from .prefetch import Prefetcher
+
+
+def _compiler_disable(fn):
+    """``torch.compiler.disable``, without importing ``torch._dynamo`` (tens of MB of RSS) where nothing compiles.
+
+    Nothing can be compiling while ``torch._dynamo`` has never been imported, so until then ``fn`` runs as is.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 class NvmeAlignDevicesHook(AlignDevicesHook):

@@ -40,7 +40,7 @@ class StagingBuffer:
 
     def __init__(self, nbytes: int, pin: bool):
         self.nbytes = max(ALIGNMENT, nbytes)
-        self._mmap = mmap.mmap(-1, self.nbytes)
+        self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._mmap)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False

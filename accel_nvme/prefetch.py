@@ -209,15 +209,16 @@ class Prefetcher:
                 slot.error = slot.error or future.exception()
             slot.pending -= 1
             last = slot.pending == 0
+            if last and slot.error is None:
+                self.stats.groups_read += 1
+                self.stats.bytes_read += slot.source.nbytes
+                self.stats.read_seconds += time.perf_counter() - slot.started
         if last:
             self._finish(slot)
 
     def _finish(self, slot: _Slot) -> None:
         try:
             if slot.error is None:
-                self.stats.groups_read += 1
-                self.stats.bytes_read += slot.source.nbytes
-                self.stats.read_seconds += time.perf_counter() - slot.started
                 self._verify(slot)
                 if self._cuda:
                     self._copy_to_device(slot)

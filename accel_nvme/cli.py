@@ -1,0 +1,82 @@
+"""The ``accel-nvme`` command line: argument parsing only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+
+from accel_nvme import bench
+
+logger = logging.getLogger(__name__)
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``1GB`` (decimal units) or ``512MiB`` (binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1GB or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(modes) - set(bench.MODES))
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"expected modes among {', '.join(bench.MODES)}, got {text!r}")
+    return modes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``accel-nvme`` argument parser with its sub-commands."""
+    parser = argparse.ArgumentParser(prog="accel-nvme", description="Stream offloaded weights from NVMe.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (worker output included)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("bench", help="time cold forwards of offloading modes on a synthetic model")
+    b.add_argument("--size", type=parse_size, help="model size, e.g. 1GB; picks --hidden for the given --layers")
+    b.add_argument("--layers", type=int, default=16, help="number of Linear layers (default 16)")
+    b.add_argument("--hidden", type=int, help="hidden size (default 4096)")
+    b.add_argument("--batch", type=_positive_ints, default=(64, 512), help="batch sizes (default 64,512)")
+    b.add_argument("--forwards", type=int, default=3, help="timed cold forwards per batch (default 3)")
+    b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
+    b.add_argument("--json", help="also write the report to this JSON file")
+    b.add_argument("--modes", type=_modes, default=bench.MODES, help=f"default: {','.join(bench.MODES)}")
+    return parser
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.size is not None and args.hidden is not None:
+        parser.error("give --size or --hidden, not both")
+    if args.layers < 1 or args.forwards < 1:
+        parser.error("--layers and --forwards must be at least 1")
+    hidden = bench.hidden_for_size(args.size, args.layers) if args.size is not None else args.hidden or 4096
+    config = bench.BenchConfig(layers=args.layers, hidden=hidden, batches=args.batch, forwards=args.forwards)
+    logger.info("modes %s on %.2f GB of weights", ",".join(args.modes), config.model_bytes / 1e9)
+    report = bench.run(config, args.modes, offload_folder=args.offload_folder, json_path=args.json)
+    print(bench.format_report(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``accel-nvme`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
+    if args.command == "bench":
+        _bench(args, parser)
+
+
+if __name__ == "__main__":
+    main()
