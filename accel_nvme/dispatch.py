@@ -57,8 +57,9 @@ def dispatch_model(
     _check_device_map(model, device_map)
     main_device = _main_device(device_map, main_device)
     offload_buffers = accelerate_kwargs.get("offload_buffers", False)
-    groups = _expand_entries(model, nvme_entries)
-    plans = _plan_groups(model, groups, offload_buffers, main_device)
+    entries = _expand_entries(model, nvme_entries)
+    entry_plans = _plan_groups(model, entries, offload_buffers, main_device)
+    plans, group_of_entry = _merge_groups(entry_plans, config.group_bytes)
     manifest = materialize(config.offload_dir, plans, config.io_threads)
     execution_device = torch.device(main_device)
     reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
@@ -79,22 +80,22 @@ def dispatch_model(
             offload_index=offload_index,
             **accelerate_kwargs,
         )
-    for index, (name, module) in enumerate(groups):
+    for (name, module), plan, group in zip(entries, entry_plans, group_of_entry, strict=True):
         prefix = f"{name}." if name else ""
         _remove_accelerate_hooks(module)
         hook = NvmeAlignDevicesHook(
             prefetcher,
-            index,
+            group,
             name,
             execution_device,
             StoredWeights(manifest, prefix),
-            {member[len(prefix) :]: member for member in plans[index].members},
+            {member[len(prefix) :]: member for member in plan.members},
             io_same_device=(name == ""),
             skip_keys=accelerate_kwargs.get("skip_keys"),
         )
         add_hook_to_module(module, hook)
     model.nvme_device_map = dict(device_map)
-    logger.info("%d nvme groups streaming from %s", len(groups), manifest.folder)
+    logger.info("%d nvme groups streaming from %s", len(plans), manifest.folder)
     return model
 
 
@@ -202,6 +203,26 @@ def _plan_groups(
             plan.members[full] = canonical
         plans.append(plan)
     return plans
+
+
+def _merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan], list[int]]:
+    """Merge consecutive entries into one group while it stays within ``budget`` bytes (0: never merge)."""
+    merged: list[GroupPlan] = []
+    group_of_entry = []
+    size = 0
+    for plan in plans:
+        nbytes = sum(t.numel() * t.element_size() for t in plan.tensors.values())
+        if merged and budget and size + nbytes <= budget:
+            last = merged[-1]
+            merged[-1] = GroupPlan(
+                f"{last.name}+{plan.name}", {**last.tensors, **plan.tensors}, {**last.members, **plan.members}
+            )
+            size += nbytes
+        else:
+            merged.append(plan)
+            size = nbytes
+        group_of_entry.append(len(merged) - 1)
+    return merged, group_of_entry
 
 
 def _named_tensors(module: torch.nn.Module, include_buffers: bool, persistent_only: bool = False):

@@ -1,7 +1,9 @@
 """The schedule: which groups are read ahead, into which staging buffer, and when a buffer is free again.
 
 Groups are read ``depth`` ahead of the one in use, following the order recorded during the first forward and
-wrapping around to the first groups, so the next forward (next token, next denoising step) starts warm. On CUDA the
+wrapping around to the first groups, so the next forward (next token, next denoising step) starts warm. A released
+group keeps its buffer until another group is acquired, so the modules of one group (or a module called twice) reuse
+it without a second read. On CUDA the
 I/O thread that completes a read also issues the host-to-device copy on a side stream and records an event; the
 compute stream waits on that event, and the device memory is released with ``record_stream`` so the caching
 allocator does not reuse it before the compute stream is done with it.
@@ -126,27 +128,23 @@ class Prefetcher:
                 self._drop(index)
             raise slot.error
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(slot.copied)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(slot.copied)
+            slot.device_data.record_stream(compute)
             data = slot.device_data
         else:
             data = slot.buffer.tensor
         return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in slot.source.views}
 
     def release(self, index: int) -> None:
-        """The module is done with group ``index``: its buffer may be refilled."""
+        """A module is done with group ``index``; its buffer is refilled once another group is acquired."""
         with self._cond:
             slot = self._slots.get(index)
-            if slot is None:
-                return
-            slot.users -= 1
-            if slot.users == 0:
-                if self._cuda:
-                    slot.device_data.record_stream(torch.cuda.current_stream(self.device))
-                self._drop(index)
-                self._top_up(index)
+            if slot is not None:
+                slot.users -= 1
 
     def _record(self, index: int) -> None:
-        if self._recorded is None:
+        if self._recorded is None or self._recorded[-1:] == [index]:
             return
         if index in self._recorded:
             seen = set(self._recorded)
@@ -164,7 +162,7 @@ class Prefetcher:
     def _top_up(self, index: int) -> None:
         wanted = self._upcoming(index)
         for other, slot in list(self._slots.items()):
-            if slot.users == 0 and other not in wanted and slot.done.is_set():
+            if other != index and slot.users == 0 and other not in wanted and slot.done.is_set():
                 self._drop(other)
         for group in wanted:
             if group not in self._slots and self._free and len(self._slots) < self._max_slots:

@@ -218,3 +218,21 @@ def test_io_error_is_raised_in_the_forward_that_needs_the_group(offload_dir):
                 model(IDS)
         path.write_bytes(original)
         assert torch.equal(model(IDS), reference(tiny_lm(), IDS))
+
+
+def test_group_bytes_merges_consecutive_entries_and_reads_each_group_once(offload_dir):
+    expected = reference(tiny_lm(), IDS)
+    layer_bytes = sum(p.numel() * p.element_size() for p in tiny_lm().body.layers[0].parameters())
+    config = NvmeConfig(group_bytes=2 * layer_bytes)
+    device_map = {"embed": "cpu", "body.layers": "nvme", "body.final": "cpu", "head": "cpu"}
+    model = accel_nvme.dispatch_model(tiny_lm(), device_map, offload_dir=offload_dir, config=config)
+    hooks = nvme_hooks(model)
+    assert [h.group for h in hooks] == [0, 0, 1, 1]
+    (folder,) = [p for p in offload_dir.iterdir() if p.name.startswith(FOLDER_PREFIX)]
+    assert len(list(folder.glob("group-*.safetensors"))) == 2
+    prefetcher = hooks[0].prefetcher
+    with torch.inference_mode():
+        for _ in range(4):
+            before = prefetcher.stats.groups_read
+            assert torch.equal(model(IDS), expected)
+            assert prefetcher.stats.groups_read - before <= 2
