@@ -5,8 +5,9 @@ Importing the package makes ``accelerate.dispatch_model`` (and the copies transf
 """
 
 from .config import NvmeConfig
-from .dispatch import dispatch_model, install
+from .dispatch import dispatch_model
 from .hooks import NvmeAlignDevicesHook
+from .integrations import install
 
 __all__ = ["NvmeAlignDevicesHook", "NvmeConfig", "dispatch_model"]
 __version__ = "0.1.0"

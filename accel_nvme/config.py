@@ -1,11 +1,22 @@
-"""Options of the nvme tier, in one dataclass."""
+"""Options of the nvme tier, in one dataclass, and where they come from: kwargs > environment > config file."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 DIRECT_IO_CHOICES = ("auto", "on", "off")
+ENV_PREFIX = "ACCEL_NVME_"
+CONFIG_FILE_NAME = "accel_nvme.yaml"
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
 
 
 @dataclass(frozen=True)
@@ -44,3 +55,97 @@ class NvmeConfig:
     def with_offload_dir(self, offload_dir: str | os.PathLike | None) -> NvmeConfig:
         """A copy with ``offload_dir`` set when one is given."""
         return self if offload_dir is None else replace(self, offload_dir=offload_dir)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(NvmeConfig)}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``1GB`` (decimal units), ``512MiB`` (binary units) or a plain integer."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 1GB or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """A config value of the field's type, from a YAML value or an environment string."""
+    try:
+        if name in ("io_request_bytes", "group_bytes"):
+            return parse_size(value)
+        if name in ("prefetch_depth", "io_threads"):
+            return int(value)
+        if name == "verify_on_read":
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in {"1", "true", "yes", "on"}:
+                return True
+            if str(value).strip().lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        return None if value in (None, "") else str(value)
+    except ValueError as e:
+        raise ValueError(f"{origin}: bad value for {name}: {e}") from e
+
+
+def config_file_path() -> Path:
+    """``$ACCEL_NVME_CONFIG_FILE``, else ``accel_nvme.yaml`` in accelerate's config folder (``$HF_HOME/accelerate``)."""
+    explicit = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    hf_home = os.environ.get("HF_HOME", os.path.join(cache, "huggingface"))
+    return Path(hf_home).expanduser() / "accelerate" / CONFIG_FILE_NAME
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of accel_nvme settings, found {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(FIELDS)}")
+    return {k: _coerce(k, v, str(path)) for k, v in raw.items()}
+
+
+def _from_env() -> dict[str, Any]:
+    values = {}
+    for name in FIELDS:
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        if variable in os.environ:
+            values[name] = _coerce(name, os.environ[variable], variable)
+    if f"{ENV_PREFIX}OFFLOAD_FOLDER" in os.environ:
+        values["offload_dir"] = os.environ[f"{ENV_PREFIX}OFFLOAD_FOLDER"]
+    return values
+
+
+def load_config(base: NvmeConfig | None = None, **overrides: Any) -> NvmeConfig:
+    """The settings in force: ``overrides`` (kwargs) > ``ACCEL_NVME_*`` variables > config file > ``base``/defaults."""
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown accel_nvme settings {unknown}; known: {sorted(FIELDS)}")
+    values = {} if base is None else dataclasses.asdict(base)
+    values.update(_from_file(config_file_path()))
+    values.update(_from_env())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return NvmeConfig(**values)
+
+
+def save_config(settings: dict[str, Any], path: Path | None = None) -> Path:
+    """Write ``settings`` (merged over the file's current content) to the config file; returns its path."""
+    path = path or config_file_path()
+    current = _from_file(path)
+    current.update({k: _coerce(k, v, "argument") for k, v in settings.items() if v is not None})
+    NvmeConfig(**current)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in current.items()}))
+    os.replace(tmp, path)
+    return path

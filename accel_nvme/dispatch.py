@@ -8,25 +8,24 @@ accelerate put on each nvme module with one ``NvmeAlignDevicesHook`` per group.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.machinery
+import contextvars
 import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import accelerate.big_modeling
 import torch
-from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
 
 from .config import NvmeConfig
 from .format import ALIGNMENT, align_up
-from .hooks import NvmeAlignDevicesHook
+from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
 from .prefetch import GroupSource, Prefetcher, TensorView
-from .store import GroupPlan, Manifest, StoredWeights, materialize
+from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +33,71 @@ NVME = "nvme"
 _accelerate_dispatch_model = accelerate.big_modeling.dispatch_model
 
 
+@dataclass
+class NvmeLoading:
+    """What a ``from_pretrained(..., offload_backend="nvme")`` call tells the ``dispatch_model`` it ends with.
+
+    Its nvme entries are split down to the model's ``_no_split_modules``, so a group is one block, not a whole
+    encoder. ``index`` collects where offloaded weights sit in the checkpoint, for loaders that do not pass an
+    ``offload_index``.
+    """
+
+    config: NvmeConfig
+    index: dict[str, dict] = field(default_factory=dict)
+
+
+_LOADING: contextvars.ContextVar[NvmeLoading | None] = contextvars.ContextVar("accel_nvme_loading", default=None)
+
+
+@contextlib.contextmanager
+def disk_as_nvme(loading: NvmeLoading) -> Iterator[NvmeLoading]:
+    """Within this block, ``dispatch_model`` streams ``"disk"`` entries from nvme group files."""
+    token = _LOADING.set(loading)
+    try:
+        yield loading
+    finally:
+        _LOADING.reset(token)
+
+
+def current_loading() -> NvmeLoading | None:
+    """The ``NvmeLoading`` of the ``from_pretrained`` call in progress, if any."""
+    return _LOADING.get()
+
+
 def dispatch_model(
     model: torch.nn.Module,
     device_map: Mapping[str, int | str | torch.device],
     main_device: int | str | torch.device | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
     offload_dir: str | os.PathLike | None = None,
+    offload_index: dict[str, dict] | None = None,
+    offload_buffers: bool = False,
+    skip_keys: str | list[str] | None = None,
+    preload_module_classes: list[str] | None = None,
+    force_hooks: bool = False,
     config: NvmeConfig | None = None,
-    **accelerate_kwargs: Any,
 ) -> torch.nn.Module:
-    """accelerate's ``dispatch_model``, where modules mapped to ``"nvme"`` stream their weights from ``offload_dir``."""
+    """accelerate's ``dispatch_model``, where modules mapped to ``"nvme"`` stream their weights from ``offload_dir``.
+
+    Inside ``disk_as_nvme(...)`` (how ``from_pretrained(..., offload_backend="nvme")`` calls it), ``"disk"``
+    entries are treated as ``"nvme"`` and the loading's config supplies the options. The other arguments are
+    accelerate's, passed through (transformers inspects this signature for ``skip_keys`` and ``force_hooks``).
+    """
+    accelerate_kwargs = {
+        "state_dict": state_dict,
+        "offload_buffers": offload_buffers,
+        "skip_keys": skip_keys,
+        "preload_module_classes": preload_module_classes,
+        "force_hooks": force_hooks,
+    }
+    loading = _LOADING.get()
+    if loading is not None:
+        device_map = {name: (NVME if device == "disk" else device) for name, device in device_map.items()}
+        config = config or loading.config
     nvme_entries = [name for name, device in device_map.items() if device == NVME]
     if not nvme_entries:
         return _accelerate_dispatch_model(
-            model, device_map, main_device=main_device, offload_dir=offload_dir, **accelerate_kwargs
+            model, device_map, main_device, offload_dir=offload_dir, offload_index=offload_index, **accelerate_kwargs
         )
     config = (config or NvmeConfig()).with_offload_dir(offload_dir)
     if config.offload_dir is None:
@@ -56,21 +107,19 @@ def dispatch_model(
         )
     _check_device_map(model, device_map)
     main_device = _main_device(device_map, main_device)
-    offload_buffers = accelerate_kwargs.get("offload_buffers", False)
-    entries = _expand_entries(model, nvme_entries)
-    entry_plans = _plan_groups(model, entries, offload_buffers, main_device)
+    entries = _expand_entries(model, nvme_entries, _no_split_classes(model) if loading else None)
+    index = dict(offload_index or (loading and loading.index) or {})
+    entry_plans = _plan_groups(model, entries, offload_buffers, main_device, index, device_map)
     plans, group_of_entry = _merge_groups(entry_plans, config.group_bytes)
     manifest = materialize(config.offload_dir, plans, config.io_threads)
-    execution_device = torch.device(main_device)
+    execution_device = _execution_device(main_device)
     reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
     prefetcher = Prefetcher(_sources(manifest, config.verify_on_read), execution_device, reader, config.prefetch_depth)
 
-    for plan in plans:
-        for member in plan.members:
-            set_module_tensor_to_device(model, member, "meta")
-    accelerate_map = {name: ("disk" if device == NVME else device) for name, device in device_map.items()}
-    offload_index = dict(accelerate_kwargs.pop("offload_index", None) or {})
-    offload_index.update(_offload_index(manifest))
+    _leave_meta_tensors(model, plans)
+    accelerate_map = {name: device for name, device in device_map.items() if device != NVME}
+    accelerate_map.update(dict.fromkeys((name for name, _ in entries), "disk"))
+    offload_index = {**index, **_offload_index(manifest)}
     with _without_meta_warning():
         model = _accelerate_dispatch_model(
             model,
@@ -91,10 +140,10 @@ def dispatch_model(
             StoredWeights(manifest, prefix),
             {member[len(prefix) :]: member for member in plan.members},
             io_same_device=(name == ""),
-            skip_keys=accelerate_kwargs.get("skip_keys"),
+            skip_keys=skip_keys,
         )
-        add_hook_to_module(module, hook)
-    model.nvme_device_map = dict(device_map)
+        attach_nvme_hook(module, hook)
+    model.nvme_device_map = {name: (NVME if device == "disk" else device) for name, device in accelerate_map.items()}
     logger.info("%d nvme groups streaming from %s", len(plans), manifest.folder)
     return model
 
@@ -139,6 +188,40 @@ def _check_device_map(model: torch.nn.Module, device_map: Mapping[str, Any]) -> 
         )
 
 
+def _leave_meta_tensors(model: torch.nn.Module, plans: list[GroupPlan]) -> None:
+    """Replace every streamed tensor by a meta tensor; names tied to one tensor share one meta tensor."""
+    metas: dict[str, torch.Tensor] = {}
+    for plan in plans:
+        for member, canonical in plan.members.items():
+            owner_name, _, attr = member.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if canonical not in metas:
+                set_module_tensor_to_device(model, member, "meta")
+                metas[canonical] = getattr(owner, attr)
+            elif attr in owner._parameters:
+                owner._parameters[attr] = metas[canonical]
+            else:
+                owner._buffers[attr] = metas[canonical]
+
+
+def _execution_device(main_device: Any) -> torch.device:
+    """``main_device`` as a full ``torch.device`` ("cuda" and 0 become ``cuda:<index>``)."""
+    if isinstance(main_device, int):
+        return torch.device("cuda", main_device)
+    device = torch.device(main_device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _device_of(name: str, device_map: Mapping[str, Any]) -> Any:
+    """The device_map value that covers tensor ``name`` (the longest matching entry)."""
+    for entry in sorted(device_map, key=len, reverse=True):
+        if entry == "" or name == entry or name.startswith(f"{entry}."):
+            return device_map[entry]
+    return None
+
+
 def _main_device(device_map: Mapping[str, Any], main_device: Any) -> Any:
     if main_device is not None:
         return main_device
@@ -150,30 +233,57 @@ def _is_called(module: torch.nn.Module) -> bool:
     return type(module).forward is not torch.nn.Module.forward
 
 
-def _expand_entries(model: torch.nn.Module, entries: list[str]) -> list[tuple[str, torch.nn.Module]]:
-    """One group per entry; containers that are never called (ModuleList, ModuleDict) become one per child."""
+def _no_split_classes(model: torch.nn.Module) -> frozenset[str] | None:
+    """The classes a transformers/diffusers model says must not be split (None when it names none)."""
+    try:
+        classes = model._get_no_split_modules("auto")
+    except (AttributeError, ValueError):
+        classes = getattr(model, "_no_split_modules", None)
+    return frozenset(classes) if classes else None
+
+
+def _expand_entries(
+    model: torch.nn.Module, entries: list[str], no_split: frozenset[str] | None = None
+) -> list[tuple[str, torch.nn.Module]]:
+    """One group per entry; containers that are never called (ModuleList, ModuleDict) become one per child.
+
+    With ``no_split`` (a model's ``_no_split_modules``), entries are split further into their children unless
+    their class is listed or they hold tensors of their own, as accelerate's ``infer_auto_device_map`` may.
+    """
     groups = []
     for name in entries:
         module = model.get_submodule(name)
         if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
             continue
-        if _is_called(module):
+        owns_tensors = any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        )
+        splittable = no_split is not None and type(module).__name__ not in no_split and not owns_tensors
+        if _is_called(module) and not splittable:
             groups.append((name, module))
             continue
-        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        if owns_tensors:
             raise ValueError(
                 f"nvme entry {name!r} is a {type(module).__name__}, which is never called and holds tensors of its "
                 "own; map its parent module to 'nvme' instead"
             )
         prefix = f"{name}." if name else ""
-        groups.extend(_expand_entries(model, [f"{prefix}{child}" for child, _ in module.named_children()]))
+        groups.extend(_expand_entries(model, [f"{prefix}{child}" for child, _ in module.named_children()], no_split))
     return groups
 
 
 def _plan_groups(
-    model: torch.nn.Module, groups: list[tuple[str, torch.nn.Module]], offload_buffers: bool, main_device: Any
+    model: torch.nn.Module,
+    groups: list[tuple[str, torch.nn.Module]],
+    offload_buffers: bool,
+    main_device: Any,
+    index: Mapping[str, Mapping],
+    device_map: Mapping[str, Any],
 ) -> list[GroupPlan]:
-    """Which tensors each group stores; a tensor tied to another group is stored once, by the first."""
+    """Which tensors each group stores; a tensor tied to another group is stored once, by the first.
+
+    Tensors on the meta device are taken from ``index`` (accelerate's offload index: checkpoint shards).
+    """
     prefixes = tuple(f"{name}." if name else "" for name, _ in groups)
     resident = {
         id(tensor): name
@@ -189,20 +299,32 @@ def _plan_groups(
         for local, tensor in persistent.items():
             full = prefix + local
             if id(tensor) in resident:
-                if str(main_device) != "cpu" and tensor.device.type == "meta":
+                owner = resident[id(tensor)]
+                if str(main_device) != "cpu" and _device_of(owner, device_map) == "cpu":
                     raise ValueError(
-                        f"{full!r} (nvme) is tied to {resident[id(tensor)]!r}, which is offloaded to the CPU; map "
-                        "both to the same tier"
+                        f"{full!r} (nvme) is tied to {owner!r}, which accelerate offloads to the CPU when the "
+                        f"execution device is {main_device!r}; map both to the same tier"
                     )
                 continue
-            if tensor.device.type == "meta":
-                raise ValueError(f"{full!r} is on the meta device: there are no weights to write to the nvme tier")
             canonical = owners.setdefault(id(tensor), full)
             if canonical == full:
-                plan.tensors[full] = tensor
+                plan.tensors[full] = _source(full, tensor, index)
             plan.members[full] = canonical
         plans.append(plan)
     return plans
+
+
+def _source(name: str, tensor: torch.Tensor, index: Mapping[str, Mapping]) -> torch.Tensor | CheckpointTensor:
+    if tensor.device.type != "meta":
+        return tensor
+    entry = index.get(name)
+    if entry is None or entry.get("safetensors_file") is None:
+        found = "no entry" if entry is None else f"entry {dict(entry)}"
+        raise ValueError(
+            f"{name!r} is on the meta device and the offload index has {found}: expected a safetensors file to "
+            "read it from (checkpoints in .bin format are not supported on the nvme tier)"
+        )
+    return checkpoint_tensor(entry["safetensors_file"], entry.get("weight_name", name), tensor.dtype)
 
 
 def _merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan], list[int]]:
@@ -269,46 +391,3 @@ def _offload_index(manifest: Manifest) -> dict[str, dict[str, str]]:
                 "dtype": str(entry.dtype).removeprefix("torch."),
             }
     return index
-
-
-PATCH_TARGETS = {
-    "accelerate": "dispatch_model",
-    "accelerate.big_modeling": "dispatch_model",
-    "transformers.integrations.accelerate": "dispatch_model",
-    "diffusers.models.modeling_utils": "dispatch_model",
-    "diffusers.pipelines.pipeline_loading_utils": "dispatch_model",
-}
-
-
-def _patch(module: Any) -> None:
-    attribute = PATCH_TARGETS[module.__name__]
-    if getattr(module, attribute, None) is _accelerate_dispatch_model:
-        setattr(module, attribute, dispatch_model)
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches ``dispatch_model`` in transformers and diffusers modules when they are first imported."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in PATCH_TARGETS:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
-def install() -> None:
-    """Make every name accelerate's ``dispatch_model`` is bound under accept ``"nvme"``; safe to call twice."""
-    for name in PATCH_TARGETS:
-        if name in sys.modules:
-            _patch(sys.modules[name])
-    if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())

@@ -7,6 +7,7 @@ element size and a zero-copy view of the read buffer is valid for each.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -73,9 +74,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def storage_order(tensors: dict[str, torch.Tensor]) -> list[str]:
+def storage_order(tensors: dict) -> list[str]:
     """Names in on-disk order: decreasing element size, so each offset is a multiple of its element size."""
-    return sorted(tensors, key=lambda name: -tensors[name].element_size())
+    return sorted(tensors, key=lambda name: -tensors[name].dtype.itemsize)
 
 
 def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, list[TensorEntry]]:
@@ -99,18 +100,24 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, 
     return raw + b" " * (padded - len(raw)), entries
 
 
-def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> GroupLayout:
-    """Write ``tensors`` as one aligned safetensors file, atomically (temporary name, fsync, rename)."""
+def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> tuple[GroupLayout, str]:
+    """Write ``tensors`` as one aligned safetensors file, atomically (temporary name, fsync, rename).
+
+    Returns the layout and the SHA-256 of the data section, which readers can check after an aligned read.
+    """
     path = Path(path)
     order = storage_order(tensors)
     header, entries = _header(tensors, order)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
             for name in order:
-                f.write(tensor_bytes(tensors[name]))
+                data = tensor_bytes(tensors[name])
+                digest.update(data)
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -118,7 +125,7 @@ def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Gr
         tmp.unlink(missing_ok=True)
         raise
     data_bytes = entries[-1].end if entries else 0
-    return GroupLayout(8 + len(header), data_bytes, tuple(entries))
+    return GroupLayout(8 + len(header), data_bytes, tuple(entries)), digest.hexdigest()
 
 
 def read_layout(path: str | os.PathLike) -> GroupLayout:

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Mapping
 
 import torch
-from accelerate.hooks import AlignDevicesHook
-from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+from accelerate.utils import find_device, recursively_apply, send_to_device, set_module_tensor_to_device
 
 from .prefetch import Prefetcher
 
@@ -79,12 +79,12 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
             owner = module.get_submodule(owner_name)
             is_param = attr in owner._parameters
             tensor = owner._parameters[attr] if is_param else owner._buffers[attr]
-            meta = tensor if tensor.device.type == "meta" else tensor.to("meta")
-            if is_param:
-                meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
-                owner._parameters[attr] = meta
-            else:
-                owner._buffers[attr] = meta
+            meta = tensor
+            if tensor.device.type != "meta":
+                meta = tensor.to("meta")
+                if is_param:
+                    meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                (owner._parameters if is_param else owner._buffers)[attr] = meta
             self._slots.append((owner, attr, is_param, full, meta))
         for name, tensor in module.named_buffers():
             if tensor.device.type != "meta" and self.execution_device is not None:
@@ -100,8 +100,10 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
             self._put_back()
         tensors = self.prefetcher.acquire(self.group)
         self._held = True
+        # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies.
+        copy = torch.is_grad_enabled() and not self.prefetcher.on_cuda
         for owner, attr, is_param, full, _ in self._slots:
-            value = tensors[full]
+            value = tensors[full].clone() if copy else tensors[full]
             if is_param:
                 value = torch.nn.Parameter(value, requires_grad=False)
             (owner._parameters if is_param else owner._buffers)[attr] = value
@@ -113,7 +115,14 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
 
     @_compiler_disable
     def post_forward(self, module: torch.nn.Module, output):
-        """Put the meta tensors back and release the group's buffer."""
+        """Put the meta tensors back and release the group's buffer (an output viewing it is copied out first)."""
+        if not self.prefetcher.on_cuda and self._slots:
+            staging = self.prefetcher.staging_pointers()
+            output = recursively_apply(
+                lambda t: t.clone() if t.untyped_storage().data_ptr() in staging else t,
+                output,
+                error_on_other_type=False,
+            )
         self._put_back()
         if self.io_same_device and self.input_device is not None:
             output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
@@ -134,6 +143,11 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self._held = False
         self.prefetcher.release(self.group)
 
+    def abort(self) -> None:
+        """The module's forward raised: give the group back so the next forward starts clean."""
+        if self._held:
+            self._put_back()
+
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
         if self._held:
@@ -142,3 +156,19 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
             set_module_tensor_to_device(module, local, "cpu", value=self.weights_map[local])
         self.prefetcher.detach()
         return module
+
+
+def attach_nvme_hook(module: torch.nn.Module, hook: NvmeAlignDevicesHook) -> None:
+    """``add_hook_to_module``, plus a guard that releases the group when the module's forward raises."""
+    add_hook_to_module(module, hook)
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def guarded_forward(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except BaseException:
+            hook.abort()
+            raise
+
+    module.forward = guarded_forward

@@ -23,6 +23,8 @@ from .format import ALIGNMENT, GroupFileError
 
 logger = logging.getLogger(__name__)
 
+HOST_REGISTER_PORTABLE = 1
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -36,16 +38,19 @@ class Segment:
 
 
 class StagingBuffer:
-    """A page-aligned host slab, registered as pinned memory once when it feeds a CUDA device."""
+    """A page-aligned host slab, registered once as pinned memory (for every CUDA context) when ``pin`` is a device."""
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin: torch.device | None = None):
         self.nbytes = max(ALIGNMENT, nbytes)
         self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._mmap)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
-        if pin:
-            result = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
+        if pin is not None:
+            with torch.cuda.device(pin):
+                result = torch.cuda.cudart().cudaHostRegister(
+                    self.tensor.data_ptr(), self.nbytes, HOST_REGISTER_PORTABLE
+                )
             if int(result) != 0:
                 raise RuntimeError(f"cudaHostRegister of a {self.nbytes}-byte staging buffer failed ({result})")
             self.pinned = True

@@ -1,7 +1,9 @@
 """The schedule: which groups are read ahead, into which staging buffer, and when a buffer is free again.
 
-Groups are read ``depth`` ahead of the one in use, following the order recorded during the first forward and
-wrapping around to the first groups, so the next forward (next token, next denoising step) starts warm. A released
+Groups are read ``depth`` ahead of the one in use, following the order in which groups were last seen to succeed
+each other (the device_map order until the first forward shows otherwise), wrapping around from the last group to the
+first, so the next forward (next token, next denoising step) starts warm; a decoder that runs alone after a first
+call with its encoder is followed as it runs. A released
 group keeps its buffer until another group is acquired, so the modules of one group (or a module called twice) reuse
 it without a second read. On CUDA the
 I/O thread that completes a read also issues the host-to-device copy on a side stream and records an event; the
@@ -87,18 +89,29 @@ class Prefetcher:
         self.depth = depth
         self.reader = reader
         self.stats = PrefetchStats()
-        self.schedule = list(range(len(sources)))
-        self._recorded: list[int] | None = []
+        self.successor = {i: (i + 1) % len(sources) for i in range(len(sources))}
+        self._previous: int | None = None
         self._slots: dict[int, _Slot] = {}
         self._max_slots = depth + 1
         self._cuda = device.type == "cuda"
         self._side_stream = torch.cuda.Stream(device) if self._cuda else None
         largest = max((s.nbytes for s in sources), default=0)
-        self._buffers = [StagingBuffer(largest, pin=self._cuda) for _ in range(self._max_slots)]
+        pin = device if self._cuda else None
+        self._buffers = [StagingBuffer(largest, pin) for _ in range(min(self._max_slots, max(1, len(sources))))]
         self._free = list(self._buffers)
+        self._pointers = frozenset(b.tensor.data_ptr() for b in self._buffers)
         self._cond = threading.Condition()
         self._closed = False
         self._attached = 0
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether groups are copied to a CUDA device (else modules use the staging buffers in place)."""
+        return self._cuda
+
+    def staging_pointers(self) -> frozenset[int]:
+        """Addresses of the staging buffers, to recognise tensors that view them."""
+        return self._pointers
 
     def attach(self) -> None:
         """A hook starts using this prefetcher."""
@@ -113,20 +126,25 @@ class Prefetcher:
     def acquire(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of group ``index`` on the execution device, ready for the compute stream."""
         with self._cond:
-            self._record(index)
+            self._learn(index)
             slot = self._slots.get(index)
             if slot is None:
                 slot = self._start_now(index)
             slot.users += 1
             self._top_up(index)
-        if not slot.done.is_set():
-            waited = time.perf_counter()
-            slot.done.wait()
-            self.stats.stall_seconds += time.perf_counter() - waited
-        if slot.error is not None:
+        try:
+            if not slot.done.is_set():
+                waited = time.perf_counter()
+                slot.done.wait()
+                self.stats.stall_seconds += time.perf_counter() - waited
+            if slot.error is not None:
+                raise slot.error
+        except BaseException:
             with self._cond:
-                self._drop(index)
-            raise slot.error
+                slot.users -= 1
+                if slot.error is not None and self._slots.get(index) is slot:
+                    self._drop(index)
+            raise
         if self._cuda:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(slot.copied)
@@ -143,21 +161,20 @@ class Prefetcher:
             if slot is not None:
                 slot.users -= 1
 
-    def _record(self, index: int) -> None:
-        if self._recorded is None or self._recorded[-1:] == [index]:
-            return
-        if index in self._recorded:
-            seen = set(self._recorded)
-            self.schedule = self._recorded + [i for i in range(len(self.sources)) if i not in seen]
-            self._recorded = None
-            logger.debug("recorded group order: %s", self.schedule)
-        else:
-            self._recorded.append(index)
+    def _learn(self, index: int) -> None:
+        if self._previous is not None and self._previous != index:
+            self.successor[self._previous] = index
+        self._previous = index
 
     def _upcoming(self, index: int) -> list[int]:
-        position = self.schedule.index(index)
-        count = min(self.depth, len(self.schedule) - 1)
-        return [self.schedule[(position + k) % len(self.schedule)] for k in range(1, count + 1)]
+        upcoming = []
+        group = index
+        for _ in range(self.depth):
+            group = self.successor[group]
+            if group == index or group in upcoming:
+                break
+            upcoming.append(group)
+        return upcoming
 
     def _top_up(self, index: int) -> None:
         wanted = self._upcoming(index)
@@ -176,12 +193,13 @@ class Prefetcher:
                     f"{len(self._slots)} nvme groups are in use at once, more than prefetch_depth + 1 = "
                     f"{self._max_slots}; raise prefetch_depth"
                 )
-            for i in idle:
-                slot = self._slots[i]
+            if idle:
+                victim = min(idle, key=lambda i: not self._slots[i].done.is_set())
+                slot = self._slots[victim]
                 self._cond.wait_for(slot.done.is_set)
-                if self._slots.get(i) is slot and slot.users == 0:
-                    self._drop(i)
-            if not self._free:
+                if self._slots.get(victim) is slot and slot.users == 0:
+                    self._drop(victim)
+            elif not self._free:
                 self._cond.wait()
         return self._start(index)
 
@@ -191,7 +209,11 @@ class Prefetcher:
         source = self.sources[index]
         slot = _Slot(source, self._free.pop())
         self._slots[index] = slot
-        futures = self.reader.submit(list(source.segments), slot.buffer)
+        try:
+            futures = self.reader.submit(list(source.segments), slot.buffer)
+        except BaseException:
+            self._drop(index)
+            raise
         slot.pending = len(futures)
         if not futures:
             self._finish(slot)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,12 +49,71 @@ class StoreError(RuntimeError):
     """An offload folder cannot be used; the message names the folder and what to do."""
 
 
+def progress_disabled() -> bool | None:
+    """True when progress bars are silenced the Hugging Face way (``HF_HUB_DISABLE_PROGRESS_BARS=1``)."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return True
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """A tensor still inside a safetensors checkpoint file: read only when its group is written.
+
+    Its identity is the file's path, size, mtime and inode plus the tensor's header entry, so a checkpoint is
+    recognised again without hashing its bytes, and a rewritten or replaced file never is.
+    """
+
+    path: str
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    identity: tuple
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def load(self) -> torch.Tensor:
+        """The tensor in RAM, converted to ``dtype``; raises if the file changed since it was indexed."""
+        if _file_identity(self.path) != self.identity[1]:
+            raise StoreError(f"{self.path} changed while its weights were being offloaded; load the model again")
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(self.key).to(self.dtype)
+
+
+def checkpoint_tensor(path: str | os.PathLike, key: str, dtype: torch.dtype) -> CheckpointTensor:
+    """Index ``key`` of a safetensors file (its header is parsed once per file version)."""
+    path = os.path.realpath(path)
+    file_id = _file_identity(path)
+    header = _safetensors_header(path, file_id)
+    if key not in header:
+        raise StoreError(f"{path}: has no tensor {key!r}")
+    entry = header[key]
+    identity = (path, file_id, key, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]), str(dtype))
+    return CheckpointTensor(path, key, dtype, tuple(entry["shape"]), identity)
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_header(path: str, file_id: tuple) -> dict:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
 @dataclass
 class GroupPlan:
     """What one group must hold: tensors it stores, and every member name mapped to its canonical tensor name."""
 
     name: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | CheckpointTensor]
     members: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,15 +145,20 @@ class Manifest:
         return self.tensors[name]
 
 
-def _hash_group(plan: GroupPlan) -> str:
+def _group_identity(plan: GroupPlan) -> str:
+    """SHA-256 of a group's tensors: their bytes when in RAM, their checkpoint identity when still on disk."""
     digest = hashlib.sha256()
     for name in storage_order(plan.tensors):
-        digest.update(tensor_bytes(plan.tensors[name]))
+        tensor = plan.tensors[name]
+        if isinstance(tensor, CheckpointTensor):
+            digest.update(repr(tensor.identity).encode())
+        else:
+            digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
-def fingerprint(plans: list[GroupPlan], data_hashes: list[str]) -> str:
-    """Hash of the format version, the grouping, every tensor's name/dtype/shape and every group's bytes."""
+def fingerprint(plans: list[GroupPlan], identities: list[str]) -> str:
+    """Hash of the format version, the grouping, every tensor's name/dtype/shape and every group's identity."""
     spec = {
         "version": FORMAT_VERSION,
         "groups": [
@@ -106,9 +173,9 @@ def fingerprint(plans: list[GroupPlan], data_hashes: list[str]) -> str:
                     for n in storage_order(plan.tensors)
                 ],
                 "members": sorted(plan.members.items()),
-                "sha256": data_hash,
+                "identity": identity,
             }
-            for plan, data_hash in zip(plans, data_hashes, strict=True)
+            for plan, identity in zip(plans, identities, strict=True)
         ],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
@@ -139,8 +206,8 @@ def materialize(offload_dir: str | os.PathLike, plans: list[GroupPlan], io_threa
         raise StoreError(f"offload folder {root}: its parent {root.parent} does not exist")
     root.mkdir(exist_ok=True)
     with ThreadPoolExecutor(max(1, io_threads)) as pool:
-        data_hashes = list(pool.map(_hash_group, plans))
-    fp = fingerprint(plans, data_hashes)
+        identities = list(pool.map(_group_identity, plans))
+    fp = fingerprint(plans, identities)
     folder = root / f"{FOLDER_PREFIX}{fp}"
     with _locked(root / f".{FOLDER_PREFIX}{fp}.lock"):
         if folder.exists():
@@ -155,20 +222,22 @@ def materialize(offload_dir: str | os.PathLike, plans: list[GroupPlan], io_threa
             shutil.rmtree(folder)
         for stale in root.glob(f".{FOLDER_PREFIX}{fp}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        _write_folder(root, folder, fp, plans, data_hashes)
+        _write_folder(root, folder, fp, plans)
         return load_manifest(folder)
 
 
-def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan], data_hashes: list[str]) -> None:
+def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> None:
     tmp = root / f".{FOLDER_PREFIX}{fp}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
         groups = []
-        for index, (plan, data_hash) in enumerate(
-            tqdm(list(zip(plans, data_hashes, strict=True)), desc="Writing nvme groups", unit="group", leave=False)
+        for index, plan in enumerate(
+            tqdm(plans, desc="Writing nvme groups", unit="group", leave=False, disable=progress_disabled())
         ):
             file_name = f"group-{index:05d}.safetensors"
-            layout = write_group(tmp / file_name, plan.tensors)
+            tensors = {n: t.load() if isinstance(t, CheckpointTensor) else t for n, t in plan.tensors.items()}
+            layout, data_hash = write_group(tmp / file_name, tensors)
+            del tensors
             groups.append(
                 {
                     "name": plan.name,

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import struct
 
@@ -46,13 +47,15 @@ def test_every_dtype_round_trips_through_safe_open(tmp_path):
     tensors["scalar"] = torch.tensor(1.5, dtype=torch.float16)
     tensors["empty"] = torch.zeros(0, 4)
     path = tmp_path / "g.safetensors"
-    layout = write_group(path, tensors)
+    layout, digest = write_group(path, tensors)
     assert layout.data_offset % ALIGNMENT == 0
     with safe_open(path, framework="pt") as f:
         assert set(f.keys()) == set(tensors)
         for name, tensor in tensors.items():
             assert same_bits(f.get_tensor(name), tensor), name
     assert read_layout(path) == layout
+    data = path.read_bytes()[layout.data_offset :]
+    assert hashlib.sha256(data).hexdigest() == digest
 
 
 def test_offsets_are_multiples_of_element_size(tmp_path):
@@ -62,7 +65,7 @@ def test_offsets_are_multiples_of_element_size(tmp_path):
         "c": torch.ones(7, dtype=torch.bfloat16),
         "d": torch.ones(1, dtype=torch.int32),
     }
-    layout = write_group(tmp_path / "g.safetensors", tensors)
+    layout, _ = write_group(tmp_path / "g.safetensors", tensors)
     for entry in layout.entries:
         assert entry.start % entry.dtype.itemsize == 0
 

@@ -11,12 +11,12 @@ from accel_nvme.io import FileReader, Segment, StagingBuffer
 
 def group_file(folder, n=300_000, seed=0):
     tensor = torch.randn(n, generator=torch.Generator().manual_seed(seed))
-    layout = write_group(folder / "g.safetensors", {"w": tensor})
+    layout, _ = write_group(folder / "g.safetensors", {"w": tensor})
     return folder / "g.safetensors", layout, tensor
 
 
 def read_all(reader, path, layout):
-    buffer = StagingBuffer(align_up(layout.data_bytes), pin=False)
+    buffer = StagingBuffer(align_up(layout.data_bytes))
     segment = Segment(path, layout.data_offset, align_up(layout.data_bytes), 0, layout.data_bytes)
     for future in reader.submit([segment], buffer):
         future.result()

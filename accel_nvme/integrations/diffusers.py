@@ -1,0 +1,184 @@
+"""diffusers: ``ModelMixin.from_pretrained`` and ``DiffusionPipeline.from_pretrained`` with ``offload_backend="nvme"``.
+
+For a model, diffusers would write every "disk" weight as an accelerate ``.dat`` file before dispatching; under the
+nvme tier those writes are replaced by a note of where the weight sits in its safetensors shard, and the group files
+are written from the shards. A pipeline loads its large components (denoiser, text encoders) that way and keeps
+the others (VAE, scheduler, tokenizers) as usual; ``nvme_components=[...]`` chooses the streamed ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from types import ModuleType
+
+from ..dispatch import NvmeLoading, current_loading, disk_as_nvme
+from .kwargs import pop_nvme_config
+
+STREAMED_PREFIXES = ("transformer", "unet", "prior", "decoder", "text_encoder")
+_shard = threading.local()
+
+
+def streamed_by_default(component: str) -> bool:
+    """Whether a pipeline component is streamed when ``nvme_components`` is not given."""
+    return component.startswith(STREAMED_PREFIXES)
+
+
+def patch_model_loading(modeling_utils: ModuleType) -> None:
+    """Wrap ``ModelMixin.from_pretrained`` and the shard loader / index writer it calls."""
+    model_mixin = modeling_utils.ModelMixin
+    original = model_mixin.from_pretrained.__func__
+    if getattr(original, "_accel_nvme", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
+        if config is None:
+            return original(cls, *args, **kwargs)
+        kwargs.setdefault("offload_state_dict", False)
+        _shard.loaded = {}
+        try:
+            with disk_as_nvme(NvmeLoading(config)):
+                return original(cls, *args, **kwargs)
+        finally:
+            _shard.loaded = {}
+
+    from_pretrained._accel_nvme = True
+    model_mixin.from_pretrained = classmethod(from_pretrained)
+    modeling_utils._load_shard_file = _remember_shard(modeling_utils._load_shard_file)
+    modeling_utils.load_state_dict = _remember_state_dict(modeling_utils.load_state_dict)
+    save_offload_index = modeling_utils.save_offload_index
+
+    def save_or_keep_offload_index(index, offload_folder):
+        if current_loading() is None:
+            return save_offload_index(index, offload_folder)
+        current_loading().index.update(index)
+
+    modeling_utils.save_offload_index = save_or_keep_offload_index
+
+
+def _remember_state_dict(load_state_dict):
+    """A non-sharded checkpoint is read whole before loading: remember which file each such dict came from."""
+    if getattr(load_state_dict, "_accel_nvme", False):
+        return load_state_dict
+
+    @functools.wraps(load_state_dict)
+    def load_and_remember(checkpoint_file, *args, **kwargs):
+        state_dict = load_state_dict(checkpoint_file, *args, **kwargs)
+        if current_loading() is not None and isinstance(checkpoint_file, (str, os.PathLike)):
+            _shard.loaded[id(state_dict)] = checkpoint_file
+        return state_dict
+
+    load_and_remember._accel_nvme = True
+    return load_and_remember
+
+
+def _remember_shard(load_shard_file):
+    if getattr(load_shard_file, "_accel_nvme", False):
+        return load_shard_file
+
+    @functools.wraps(load_shard_file)
+    def load_and_remember(shard_file, *args, **kwargs):
+        if isinstance(shard_file, (str, os.PathLike)):
+            _shard.path = shard_file
+        else:
+            _shard.path = getattr(_shard, "loaded", {}).get(id(shard_file))
+        try:
+            return load_shard_file(shard_file, *args, **kwargs)
+        finally:
+            _shard.path = None
+
+    load_and_remember._accel_nvme = True
+    return load_and_remember
+
+
+def patch_weight_offload(model_loading_utils: ModuleType) -> None:
+    """Under the nvme tier, a "disk" weight read from a safetensors shard is noted, not written to a ``.dat`` file."""
+    offload_weight = model_loading_utils.offload_weight
+    if getattr(offload_weight, "_accel_nvme", False):
+        return
+
+    @functools.wraps(offload_weight)
+    def note_or_offload_weight(weight, weight_name, offload_folder, index=None):
+        shard = getattr(_shard, "path", None)
+        if current_loading() is None or shard is None or not str(shard).endswith(".safetensors"):
+            return offload_weight(weight, weight_name, offload_folder, index=index)
+        index = {} if index is None else index
+        dtype = str(weight.dtype).removeprefix("torch.")
+        index[weight_name] = {"safetensors_file": str(shard), "weight_name": weight_name, "dtype": dtype}
+        return index
+
+    note_or_offload_weight._accel_nvme = True
+    model_loading_utils.offload_weight = note_or_offload_weight
+    model_loading_utils._load_shard_file = _remember_shard(model_loading_utils._load_shard_file)
+
+
+def patch_pipeline_loading(pipeline_utils: ModuleType) -> None:
+    """Wrap ``DiffusionPipeline.from_pretrained``: streamed components are loaded with the nvme tier first."""
+    pipeline = pipeline_utils.DiffusionPipeline
+    original = pipeline.from_pretrained.__func__
+    if getattr(original, "_accel_nvme", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        components = kwargs.pop("nvme_components", None)
+        config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
+        if config is None:
+            if components is not None:
+                raise ValueError(f"{cls.__name__}.from_pretrained: nvme_components needs offload_backend='nvme'")
+            return original(cls, pretrained_model_name_or_path, **kwargs)
+        folder = pretrained_model_name_or_path
+        if not os.path.isdir(folder):
+            folder = cls.download(pretrained_model_name_or_path)
+        for name, component in _streamed_components(folder, components):
+            if name not in kwargs:
+                kwargs[name] = _load_streamed(component, folder, name, config, kwargs)
+        kwargs.pop("offload_folder", None)
+        return original(cls, pretrained_model_name_or_path, **kwargs)
+
+    from_pretrained._accel_nvme = True
+    pipeline.from_pretrained = classmethod(from_pretrained)
+
+
+def _streamed_components(folder, chosen) -> list[tuple[str, tuple[str, str]]]:
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    available = {
+        name: tuple(spec)
+        for name, spec in index.items()
+        if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[0] is not None
+    }
+    if chosen is None:
+        return [(name, spec) for name, spec in available.items() if streamed_by_default(name)]
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise ValueError(
+            f"{folder}: nvme_components {unknown} are not components of this pipeline ({sorted(available)})"
+        )
+    return [(name, available[name]) for name in chosen]
+
+
+def _load_streamed(spec: tuple[str, str], folder, name: str, config, kwargs):
+    import importlib
+
+    library, class_name = spec
+    component_class = getattr(importlib.import_module(library), class_name)
+    load_kwargs = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+    return component_class.from_pretrained(
+        os.path.join(folder, name),
+        device_map={"": "nvme"},
+        offload_folder=str(config.offload_dir),
+        nvme_config=config,
+        **load_kwargs,
+    )
+
+
+PATCHES = {
+    "diffusers.models.modeling_utils": patch_model_loading,
+    "diffusers.models.model_loading_utils": patch_weight_offload,
+    "diffusers.pipelines.pipeline_utils": patch_pipeline_loading,
+}

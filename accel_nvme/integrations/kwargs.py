@@ -1,0 +1,42 @@
+"""The ``from_pretrained`` keyword arguments of the nvme tier, shared by the transformers and diffusers patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import NvmeConfig, load_config
+from ..dispatch import NVME
+
+BACKENDS = (None, "disk", NVME)
+OPTION_PREFIX = "nvme_"
+
+
+def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
+    """Pop ``offload_backend``, ``nvme_config`` and ``nvme_*`` options from ``kwargs``; the config when nvme is on.
+
+    An explicit dict ``device_map`` with ``"nvme"`` values turns the tier on too; its values are rewritten to
+    ``"disk"`` so the library loads those weights lazily, as it does for disk offload.
+    """
+    backend = kwargs.pop("offload_backend", None)
+    base = kwargs.pop("nvme_config", None)
+    options = {key[len(OPTION_PREFIX) :]: kwargs.pop(key) for key in list(kwargs) if key.startswith(OPTION_PREFIX)}
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}: offload_backend must be one of {BACKENDS}, got {backend!r}")
+    device_map = kwargs.get("device_map")
+    explicit = isinstance(device_map, dict) and NVME in device_map.values()
+    if backend != NVME and not explicit:
+        if options or base is not None:
+            raise ValueError(f"{owner}: nvme options {sorted(options) or ['nvme_config']} need offload_backend='nvme'")
+        return None
+    if explicit:
+        if "disk" in device_map.values():
+            raise ValueError(f"{owner}: device_map mixes 'disk' and 'nvme' entries; map the 'disk' ones to 'nvme' too")
+        kwargs["device_map"] = {name: ("disk" if device == NVME else device) for name, device in device_map.items()}
+    config = load_config(base, offload_dir=kwargs.get("offload_folder"), **options)
+    if config.offload_dir is None:
+        raise ValueError(
+            f"{owner}: offload_backend='nvme' needs a folder: pass offload_folder=..., set ACCEL_NVME_OFFLOAD_FOLDER, "
+            "or run `accel-nvme config --offload-folder DIR`"
+        )
+    kwargs["offload_folder"] = str(config.offload_dir)
+    return config
