@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import re
 
-from accel_nvme import bench
+from accel_nvme import bench, config
 
 logger = logging.getLogger(__name__)
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_SIZE_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
 
 
 def parse_size(text: str) -> int:
     """Bytes in a size such as ``1GB`` (decimal units) or ``512MiB`` (binary units)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if match is None or match.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 1GB or 512MiB, got {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    try:
+        return config.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -54,7 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.add_argument("--modes", type=_modes, default=bench.MODES, help=f"default: {','.join(bench.MODES)}")
+    c = commands.add_parser("config", help="write defaults to accel_nvme.yaml in accelerate's config folder")
+    c.add_argument("--offload-folder", dest="offload_dir", help="where group files are written")
+    c.add_argument("--prefetch-depth", type=int, help="groups read ahead of the one in use")
+    c.add_argument("--io-threads", type=int, help="reads kept in flight")
+    c.add_argument("--io-request-bytes", type=parse_size, help="size of one read request, e.g. 4MiB")
+    c.add_argument("--direct-io", choices=config.DIRECT_IO_CHOICES, help="O_DIRECT: auto, on or off")
+    c.add_argument("--group-bytes", type=parse_size, help="merge consecutive entries up to this size (0: never)")
+    c.add_argument(
+        "--verify-on-read",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check each group's SHA-256 after every read",
+    )
+    c.add_argument("--show", action="store_true", help="only print the settings in force and where they come from")
     return parser
+
+
+def _config(args: argparse.Namespace) -> None:
+    path = config.config_file_path()
+    if not args.show:
+        settings = {name: getattr(args, name) for name in config.FIELDS}
+        path = config.save_config(settings)
+        print(f"wrote {path}")
+    print(f"config file: {path}{'' if path.is_file() else ' (absent)'}")
+    for name, value in dataclasses.asdict(config.load_config()).items():
+        print(f"  {name}: {value}")
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -76,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     if args.command == "bench":
         _bench(args, parser)
+    elif args.command == "config":
+        _config(args)
 
 
 if __name__ == "__main__":

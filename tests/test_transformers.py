@@ -152,6 +152,10 @@ def test_bad_backend_and_missing_folder_are_clear(checkpoint, monkeypatch, tmp_p
     monkeypatch.delenv("ACCEL_NVME_OFFLOAD_DIR", raising=False)
     with pytest.raises(ValueError, match="offload_backend must be one of"):
         AutoModelForCausalLM.from_pretrained(checkpoint[0], device_map="auto", offload_backend="ssd")
+    with pytest.raises(ValueError, match="no 'nvme' budget"):
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint[0], device_map="auto", offload_backend="nvme", max_memory={"cpu": "1GB", "nvme": "10GB"}
+        )
     with pytest.raises(ValueError, match="needs a folder"):
         AutoModelForCausalLM.from_pretrained(checkpoint[0], device_map="auto", offload_backend="nvme")
 

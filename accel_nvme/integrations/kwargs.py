@@ -22,6 +22,11 @@ def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
     options = {key[len(OPTION_PREFIX) :]: kwargs.pop(key) for key in list(kwargs) if key.startswith(OPTION_PREFIX)}
     if backend not in BACKENDS:
         raise ValueError(f"{owner}: offload_backend must be one of {BACKENDS}, got {backend!r}")
+    if NVME in (kwargs.get("max_memory") or {}):
+        raise ValueError(
+            f"{owner}: max_memory has no 'nvme' budget: the nvme tier holds what does not fit the GPU/CPU budgets "
+            "and costs disk space, not memory (its RAM use is (prefetch_depth + 1) staging buffers); drop the key"
+        )
     device_map = kwargs.get("device_map")
     explicit = isinstance(device_map, dict) and NVME in device_map.values()
     if backend != NVME and not explicit:

@@ -1,0 +1,153 @@
+"""Peak RSS of a whole ``from_pretrained(..., offload_backend="nvme")`` load of a >= 2 GB checkpoint.
+
+The checkpoint is written shard by shard (random tensors, one or two layers per shard) so it never exists whole in
+RAM, here or in the loading process. A fresh subprocess imports accel_nvme and transformers, loads it with every
+module on nvme, runs one short forward and reports its VmHWM, counted from process start (imports included).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+PREFETCH_DEPTH = 2  # NvmeConfig's default; the loading script passes it explicitly
+MIN_CHECKPOINT_BYTES = 2_000_000_000
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, pathlib, sys, time
+    start = time.perf_counter()
+    import torch, transformers, accel_nvme
+    from transformers import AutoModelForCausalLM
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    checkpoint, offload, depth = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint,
+        device_map="auto",
+        max_memory={"cpu": "20KB"},
+        offload_backend="nvme",
+        offload_folder=str(offload),
+        nvme_prefetch_depth=depth,
+    )
+    loaded = time.perf_counter()
+    after_load = status("VmHWM")
+    ids = torch.randint(3, 4000, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(ids).logits
+    groups = sorted(offload.rglob("group-*.safetensors"))
+    manifests = list(offload.rglob("manifest.json"))
+    data_bytes = [g["data_bytes"] for m in manifests for g in json.loads(m.read_text())["groups"]]
+    print(json.dumps({
+        "peak": status("VmHWM"),
+        "peak_after_load": after_load,
+        "rss_end": status("VmRSS"),
+        "largest_group_file": max(p.stat().st_size for p in groups),
+        "largest_group_data": max(data_bytes),
+        "groups": len(groups),
+        "devices": sorted(set(model.nvme_device_map.values())),
+        "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")),
+        "logits_shape": list(logits.shape),
+        "logits_finite": bool(torch.isfinite(logits).all()),
+        "load_s": loaded - start,
+        "total_s": time.perf_counter() - start,
+    }))
+    """
+)
+
+
+def write_checkpoint(path, layers_per_shard=1):
+    """A tiny-vocab fp32 Llama of ~2.1 GB, written one shard at a time; returns the bytes of its tensors."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=10,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.save_pretrained(path)
+    with torch.device("meta"):
+        shapes = {name: (t.shape, t.dtype) for name, t in LlamaForCausalLM(config).state_dict().items()}
+
+    def shard_of(name):
+        if name.startswith("model.layers."):
+            return f"layers-{int(name.split('.')[2]) // layers_per_shard:03d}"
+        return "embed" if name.startswith("model.embed_tokens") else "head"
+
+    shards: dict[str, list[str]] = {}
+    for name in shapes:
+        shards.setdefault(shard_of(name), []).append(name)
+    files = {shard: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for shard, names in shards.items():
+        tensors = {}
+        for name in names:
+            shape, dtype = shapes[name]
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=dtype)
+            else:
+                tensors[name] = torch.randn(shape, dtype=dtype, generator=generator).mul_(0.02)
+            weight_map[name] = files[shard]
+            total += tensors[name].numel() * tensors[name].element_size()
+        save_file(tensors, str(path / files[shard]), metadata={"format": "pt"})
+        del tensors
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    return total
+
+
+@pytest.mark.slow
+def test_peak_rss_of_a_2gb_nvme_load_is_bounded(tmp_path):
+    checkpoint, offload = tmp_path / "checkpoint", tmp_path / "offload"
+    checkpoint.mkdir()
+    offload.mkdir()
+    total = write_checkpoint(checkpoint)
+    assert total >= MIN_CHECKPOINT_BYTES
+
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(checkpoint), str(offload), str(PREFETCH_DEPTH)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wall = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert figures["checkpoint_bytes"] >= MIN_CHECKPOINT_BYTES
+    assert figures["devices"] == ["nvme"], figures["devices"]
+    assert figures["groups"] >= 12, "expected a group per decoder layer plus embeddings, norm and head"
+    assert figures["logits_shape"] == [1, 8, 4096] and figures["logits_finite"]
+    group = figures["largest_group_file"]
+    assert group >= figures["largest_group_data"]
+    budget = (1 << 30) + group * (PREFETCH_DEPTH + 2)
+    print(
+        f"peak RSS {figures['peak'] / 2**20:.0f} MiB (after load {figures['peak_after_load'] / 2**20:.0f} MiB), "
+        f"largest group {group / 2**20:.1f} MiB, bound {budget / 2**20:.0f} MiB, "
+        f"checkpoint {figures['checkpoint_bytes'] / 1e9:.2f} GB, subprocess {wall:.1f} s"
+    )
+    assert figures["peak"] <= budget, (
+        f"loading a {figures['checkpoint_bytes'] / 1e9:.2f} GB checkpoint peaked at {figures['peak'] >> 20} MiB RSS, "
+        f"allowed {budget >> 20} MiB (1 GiB + {PREFETCH_DEPTH + 2} x {group >> 20} MiB group)"
+    )
