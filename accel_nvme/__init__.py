@@ -5,11 +5,11 @@ Importing the package makes ``accelerate.dispatch_model`` (and the copies transf
 """
 
 from .config import NvmeConfig
-from .dispatch import dispatch_model
+from .dispatch import NvmeStats, dispatch_model, stats
 from .hooks import NvmeAlignDevicesHook
 from .integrations import install
 
-__all__ = ["NvmeAlignDevicesHook", "NvmeConfig", "dispatch_model"]
+__all__ = ["NvmeAlignDevicesHook", "NvmeConfig", "NvmeStats", "dispatch_model", "stats"]
 __version__ = "0.1.0"
 
 install()

@@ -24,7 +24,7 @@ from .config import NvmeConfig
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
-from .prefetch import GroupSource, Prefetcher, TensorView
+from .prefetch import ForwardStats, GroupSource, Prefetcher, TensorView
 from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
 logger = logging.getLogger(__name__)
@@ -391,3 +391,35 @@ def _offload_index(manifest: Manifest) -> dict[str, dict[str, str]]:
                 "dtype": str(entry.dtype).removeprefix("torch."),
             }
     return index
+
+
+@dataclass(frozen=True)
+class NvmeStats:
+    """``accel_nvme.stats(model)``: per-forward and total figures of a model's nvme stream."""
+
+    groups: int
+    forwards: list[ForwardStats]
+    total: ForwardStats
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, GB/s and overlap included (for JSON and logging)."""
+
+        def row(r: ForwardStats) -> dict[str, Any]:
+            return {**vars(r), "gb_per_s": r.gb_per_s, "overlap": r.overlap}
+
+        return {"groups": self.groups, "forwards": [row(r) for r in self.forwards], "total": row(self.total)}
+
+
+def stats(model: torch.nn.Module) -> NvmeStats:
+    """Bytes read, read time, compute stalls, GB/s and overlap of ``model``'s nvme groups, per forward and in total."""
+    hook = next(
+        (m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)), None
+    )
+    if hook is None:
+        raise ValueError(f"{type(model).__name__} has no modules on the nvme tier")
+    prefetcher = hook.prefetcher
+    forwards = prefetcher.forward_stats()
+    total = ForwardStats(**vars(prefetcher.stats))
+    total.read_seconds = prefetcher.reader.busy_seconds
+    total.seconds = sum(f.seconds for f in forwards)
+    return NvmeStats(len(prefetcher.sources), forwards, total)

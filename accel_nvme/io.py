@@ -13,6 +13,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,15 @@ class FileReader:
         self._fds: dict[Path, tuple[int, bool]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._active = 0
+        self._busy_since = 0.0
+        self._busy = 0.0
+
+    @property
+    def busy_seconds(self) -> float:
+        """Wall time during which at least one read was in progress (the drive's share of the work)."""
+        with self._lock:
+            return self._busy + (time.perf_counter() - self._busy_since if self._active else 0.0)
 
     def _fd(self, path: Path) -> tuple[int, bool]:
         with self._lock:
@@ -114,11 +124,23 @@ class FileReader:
     def _read(self, path: Path, offset: int, length: int, buffer: StagingBuffer, at: int, needed: int) -> int:
         try:
             fd, direct = self._fd(path)
+        except OSError as e:
+            raise GroupFileError(f"{path}: cannot open for reading: {e}") from e
+        with self._lock:
+            if self._active == 0:
+                self._busy_since = time.perf_counter()
+            self._active += 1
+        try:
             got = os.preadv(fd, [buffer.view[at : at + length]], offset)
             if not direct:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise GroupFileError(f"{path}: reading {length} bytes at offset {offset} failed: {e}") from e
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._busy += time.perf_counter() - self._busy_since
         if got < needed:
             raise GroupFileError(
                 f"{path}: expected {needed} bytes at offset {offset}, read {got} (was the file truncated or replaced?)"

@@ -58,13 +58,33 @@ class GroupSource:
 
 
 @dataclass
-class PrefetchStats:
-    """Cumulative counters of one prefetcher."""
+class ForwardStats:
+    """What one forward (or all of them) asked of the stream.
 
+    ``seconds``: wall time from the forward's first group to its last release; ``read_seconds``: time at least one
+    read was in flight; ``stall_seconds``: time the compute thread waited for a group.
+    """
+
+    seconds: float = 0.0
     groups_read: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0
     stall_seconds: float = 0.0
+
+    @property
+    def gb_per_s(self) -> float:
+        """Achieved read rate, in 10^9 bytes per second of reading."""
+        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+    @property
+    def overlap(self) -> float:
+        """Share of the reading hidden behind compute (1.0: the compute thread never waited)."""
+        if not self.read_seconds:
+            return 1.0
+        return min(1.0, max(0.0, 1.0 - self.stall_seconds / self.read_seconds))
+
+
+HISTORY = 64
 
 
 @dataclass
@@ -88,7 +108,13 @@ class Prefetcher:
         self.device = device
         self.depth = depth
         self.reader = reader
-        self.stats = PrefetchStats()
+        self.stats = ForwardStats()
+        self._history = [ForwardStats() for _ in range(HISTORY)]
+        self._forwards = 0
+        self._seen: set[int] = set()
+        self._forward_start = ForwardStats()
+        self._started_at = 0.0
+        self._released_at = 0.0
         self.successor = {i: (i + 1) % len(sources) for i in range(len(sources))}
         self._previous: int | None = None
         self._slots: dict[int, _Slot] = {}
@@ -126,6 +152,7 @@ class Prefetcher:
     def acquire(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of group ``index`` on the execution device, ready for the compute stream."""
         with self._cond:
+            self._count_forward(index)
             self._learn(index)
             slot = self._slots.get(index)
             if slot is None:
@@ -160,6 +187,45 @@ class Prefetcher:
             slot = self._slots.get(index)
             if slot is not None:
                 slot.users -= 1
+            self._released_at = time.perf_counter()
+
+    def forward_stats(self) -> list[ForwardStats]:
+        """The last forwards (up to 64), oldest first; the one in progress, if any, last."""
+        with self._cond:
+            keep = HISTORY - 1 if self._seen else HISTORY
+            done = [self._history[i % HISTORY] for i in range(max(0, self._forwards - keep), self._forwards)]
+            records = [ForwardStats(**vars(r)) for r in done]
+            if self._seen:
+                records.append(self._since_start(ForwardStats()))
+            return records
+
+    def _count_forward(self, index: int) -> None:
+        """A group used twice means a new forward began: close the record of the previous one."""
+        if index in self._seen:
+            self._since_start(self._history[self._forwards % HISTORY])
+            self._forwards += 1
+            self._seen.clear()
+        if not self._seen:
+            self._started_at = time.perf_counter()
+            self._snapshot(self._forward_start)
+        self._seen.add(index)
+
+    def _snapshot(self, record: ForwardStats) -> ForwardStats:
+        record.groups_read = self.stats.groups_read
+        record.bytes_read = self.stats.bytes_read
+        record.read_seconds = self.reader.busy_seconds
+        record.stall_seconds = self.stats.stall_seconds
+        return record
+
+    def _since_start(self, record: ForwardStats) -> ForwardStats:
+        self._snapshot(record)
+        start = self._forward_start
+        record.seconds = max(0.0, self._released_at - self._started_at)
+        record.groups_read -= start.groups_read
+        record.bytes_read -= start.bytes_read
+        record.read_seconds -= start.read_seconds
+        record.stall_seconds -= start.stall_seconds
+        return record
 
     def _learn(self, index: int) -> None:
         if self._previous is not None and self._previous != index:
@@ -232,7 +298,14 @@ class Prefetcher:
             if last and slot.error is None:
                 self.stats.groups_read += 1
                 self.stats.bytes_read += slot.source.nbytes
-                self.stats.read_seconds += time.perf_counter() - slot.started
+                self.stats.read_seconds = self.reader.busy_seconds
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "group %s: %d bytes read in %.4f s",
+                        slot.source.name,
+                        slot.source.nbytes,
+                        time.perf_counter() - slot.started,
+                    )
         if last:
             self._finish(slot)
 
