@@ -20,7 +20,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
 
-from .config import NvmeConfig
+from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
@@ -99,7 +99,7 @@ def dispatch_model(
         return _accelerate_dispatch_model(
             model, device_map, main_device, offload_dir=offload_dir, offload_index=offload_index, **accelerate_kwargs
         )
-    config = (config or NvmeConfig()).with_offload_dir(offload_dir)
+    config = (config or load_config()).with_offload_dir(offload_dir)
     if config.offload_dir is None:
         raise ValueError(
             f"device_map sends {len(nvme_entries)} module(s) to 'nvme' ({nvme_entries[0]!r}, ...) but no offload_dir "

@@ -88,3 +88,19 @@ def test_cli_writes_and_shows_the_file(tmp_path):
         [sys.executable, "-m", "accel_nvme.cli", "config", "--show"], capture_output=True, text=True, check=True
     )
     assert "prefetch_depth: 3" in shown.stdout
+
+
+def test_dispatch_model_honours_environment_and_file(monkeypatch, tmp_path):
+    import torch
+
+    import accel_nvme
+
+    save_config({"prefetch_depth": 3})
+    monkeypatch.setenv("ACCEL_NVME_OFFLOAD_FOLDER", str(tmp_path / "env-folder"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).eval()
+    expected = model(torch.ones(1, 4)).detach()
+    model = accel_nvme.dispatch_model(model, {"0": "nvme", "1": "nvme"})
+    assert model[0]._hf_hook.prefetcher.depth == 3
+    assert any((tmp_path / "env-folder").iterdir())
+    with torch.inference_mode():
+        assert torch.equal(model(torch.ones(1, 4)), expected)
