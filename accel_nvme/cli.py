@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 
-from accel_nvme import bench, config
+from accel_nvme import bench, config, maintenance
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="check each group's SHA-256 after every read",
     )
     c.add_argument("--show", action="store_true", help="only print the settings in force and where they come from")
+    for name, text in (
+        ("inspect", "list the groups, sizes, dtypes and fingerprint of an offload folder (exit 1: nothing of ours)"),
+        ("verify", "re-read every group file and check it against its manifest (exit 1 naming each bad file)"),
+        ("clean", "remove what accel_nvme wrote in a folder, nothing else (exit 2: refused)"),
+    ):
+        m = commands.add_parser(name, help=text)
+        m.add_argument("folder", help="an offload folder, or one accel-nvme-<fingerprint> folder in it")
+        if name == "clean":
+            m.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 
 
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         _bench(args, parser)
     elif args.command == "config":
         _config(args)
+    else:
+        options = {"dry_run": args.dry_run} if args.command == "clean" else {}
+        sys.exit(maintenance.run_command(args.command, args.folder, **options))
 
 
 if __name__ == "__main__":

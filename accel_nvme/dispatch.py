@@ -180,12 +180,27 @@ def _check_device_map(model: torch.nn.Module, device_map: Mapping[str, Any]) -> 
     unknown = [name for name in device_map if name not in modules]
     if unknown:
         raise ValueError(f"device_map names {unknown[:3]} which are not modules of {type(model).__name__}")
+    for name, device in device_map.items():
+        if not _is_device(device):
+            raise ValueError(
+                f"device_map[{name!r}] is {device!r}: expected 'nvme', 'cpu', a GPU index or a torch device"
+            )
     check_device_map(model, device_map)
     if "disk" in device_map.values():
         disk = [name for name, device in device_map.items() if device == "disk"]
         raise ValueError(
             f"device_map mixes 'disk' ({disk[0]!r}, ...) and 'nvme' entries; map the 'disk' ones to 'nvme' too"
         )
+
+
+def _is_device(device: Any) -> bool:
+    if device in (NVME, "disk") or isinstance(device, (int, torch.device)):
+        return True
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _leave_meta_tensors(model: torch.nn.Module, plans: list[GroupPlan]) -> None:

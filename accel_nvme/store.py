@@ -10,6 +10,7 @@ fingerprint serialise on a lock file, so nobody reads a half-written group.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -29,6 +30,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .format import (
+    ALIGNMENT,
     DTYPE_TO_SAFETENSORS,
     GroupFileError,
     TensorEntry,
@@ -227,6 +229,7 @@ def materialize(offload_dir: str | os.PathLike, plans: list[GroupPlan], io_threa
 
 
 def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> None:
+    _check_free_space(root, plans)
     tmp = root / f".{FOLDER_PREFIX}{fp}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -256,10 +259,34 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
         _fsync_dir(tmp)
         os.rename(tmp, folder)
         _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise StoreError(
+                f"{root}: the disk filled up while writing nvme groups ({_needed_bytes(plans) / 1e9:.2f} GB needed); "
+                "nothing was left behind: free space or choose another offload folder"
+            ) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("wrote %d groups to %s", len(plans), folder)
+
+
+def _needed_bytes(plans: list[GroupPlan]) -> int:
+    """Disk space the group files of ``plans`` take: data, plus a header page per group, plus the manifest."""
+    data = sum(t.numel() * t.element_size() for plan in plans for t in plan.tensors.values())
+    return data + len(plans) * 2 * ALIGNMENT + (1 << 20)
+
+
+def _check_free_space(root: Path, plans: list[GroupPlan]) -> None:
+    st = os.statvfs(root)
+    free, needed = st.f_bavail * st.f_frsize, _needed_bytes(plans)
+    if free < needed:
+        raise StoreError(
+            f"{root}: writing {len(plans)} nvme groups needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB are free; "
+            "free space or choose another offload folder"
+        )
 
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
