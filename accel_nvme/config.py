@@ -27,7 +27,9 @@ class NvmeConfig:
     ``io_threads`` requests of ``io_request_bytes`` each are kept in flight; ``direct_io`` picks O_DIRECT
     ("on"), buffered reads that drop the page cache behind them ("off"), or O_DIRECT where the filesystem
     allows it ("auto"); consecutive device_map entries are merged into one group while it stays within ``group_bytes``
-    (0: one group per entry); ``verify_on_read`` checks each group's SHA-256 after every read.
+    (0: one group per entry); ``verify_on_read`` checks each group's SHA-256 after every read;
+    ``resident_budget`` (host RAM) and ``device_resident_budget`` (CUDA memory) keep that many bytes of groups
+    loaded once instead of streamed ("auto": half of the memory available at dispatch, less the staging buffers).
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -37,6 +39,8 @@ class NvmeConfig:
     direct_io: str = "auto"
     group_bytes: int = 0
     verify_on_read: bool = False
+    resident_budget: int | str = 0
+    device_resident_budget: int | str = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
@@ -51,6 +55,13 @@ class NvmeConfig:
             raise ValueError(f"NvmeConfig.direct_io must be one of {DIRECT_IO_CHOICES}, got {self.direct_io!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
+        for name in ("resident_budget", "device_resident_budget"):
+            value = getattr(self, name)
+            if value != "auto":
+                value = parse_size(value)
+                if value < 0:
+                    raise ValueError(f"NvmeConfig.{name} must be a size >= 0 or 'auto', got {getattr(self, name)!r}")
+                object.__setattr__(self, name, value)
 
     def with_offload_dir(self, offload_dir: str | os.PathLike | None) -> NvmeConfig:
         """A copy with ``offload_dir`` set when one is given."""
@@ -75,6 +86,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     try:
         if name in ("io_request_bytes", "group_bytes"):
             return parse_size(value)
+        if name in ("resident_budget", "device_resident_budget"):
+            return "auto" if str(value).strip().lower() == "auto" else parse_size(value)
         if name in ("prefetch_depth", "io_threads"):
             return int(value)
         if name == "verify_on_read":

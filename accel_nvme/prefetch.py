@@ -100,10 +100,42 @@ class _Slot:
     started: float = field(default_factory=time.perf_counter)
 
 
+def spread_resident(sizes: list[int], budget: int) -> set[int]:
+    """Groups to keep resident within ``budget`` bytes, spread evenly along ``sizes`` (in order of use).
+
+    Each group earns a share of the budget proportional to its size; a group is kept once the credit covers it, so
+    a 50 % budget keeps every other group and the streamed ones are interleaved with compute, not bunched together.
+    Budget left over (uneven sizes) goes to the remaining groups in order.
+    """
+    total = sum(sizes)
+    if budget <= 0 or total == 0:
+        return set()
+    share = min(1.0, budget / total)
+    kept, used, credit = set(), 0, 0.0
+    for index, size in enumerate(sizes):
+        credit += share * size
+        if credit >= size - 1e-9 and used + size <= budget:
+            kept.add(index)
+            used += size
+            credit -= size
+    for index, size in enumerate(sizes):
+        if index not in kept and used + size <= budget:
+            kept.add(index)
+            used += size
+    return kept
+
+
 class Prefetcher:
     """Reads groups ahead of use into ``depth + 1`` reused staging buffers and hands out tensor views of them."""
 
-    def __init__(self, sources: list[GroupSource], device: torch.device, reader: FileReader, depth: int = 2):
+    def __init__(
+        self,
+        sources: list[GroupSource],
+        device: torch.device,
+        reader: FileReader,
+        depth: int = 2,
+        resident: dict[int, str] | None = None,
+    ):
         self.sources = sources
         self.device = device
         self.depth = depth
@@ -126,9 +158,13 @@ class Prefetcher:
         self._buffers = [StagingBuffer(largest, pin) for _ in range(min(self._max_slots, max(1, len(sources))))]
         self._free = list(self._buffers)
         self._pointers = frozenset(b.tensor.data_ptr() for b in self._buffers)
+        self.device = device
         self._cond = threading.Condition()
         self._closed = False
         self._attached = 0
+        self._resident: dict[int, _Slot] = {}
+        for index, where in (resident or {}).items():
+            self._resident[index] = self._load_resident(sources[index], on_device=where == "device")
 
     @property
     def on_cuda(self) -> bool:
@@ -149,8 +185,50 @@ class Prefetcher:
         if self._attached == 0:
             self.close()
 
+    @property
+    def resident(self) -> list[int]:
+        """The groups loaded once and kept, never streamed."""
+        return sorted(self._resident)
+
+    def _load_resident(self, source: GroupSource, on_device: bool) -> _Slot:
+        """Read a resident group once into its own buffer (and, for ``on_device``, keep only its device copy)."""
+        slot = _Slot(source, StagingBuffer(source.nbytes, self.device if self._cuda else None))
+        for future in self.reader.submit(list(source.segments), slot.buffer):
+            future.result()
+        self._verify(slot)
+        if on_device:
+            with torch.cuda.device(self.device):
+                slot.device_data = slot.buffer.tensor[: source.nbytes].to(self.device)
+            slot.buffer.close()
+            slot.buffer = None
+        slot.done.set()
+        return slot
+
+    def _resident_views(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        if slot.device_data is not None:
+            data = slot.device_data
+        elif self._cuda:
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._side_stream):
+                data = torch.empty(slot.source.nbytes, dtype=torch.uint8, device=self.device)
+                data.copy_(slot.buffer.tensor[: slot.source.nbytes], non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self._side_stream)
+            compute.wait_event(copied)
+            data.record_stream(compute)
+        else:
+            data = slot.buffer.tensor
+        return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in slot.source.views}
+
     def acquire(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of group ``index`` on the execution device, ready for the compute stream."""
+        resident = self._resident.get(index)
+        if resident is not None:
+            with self._cond:
+                self._count_forward(index)
+                self._learn(index)
+                self._top_up(index)
+            return self._resident_views(resident)
         with self._cond:
             self._count_forward(index)
             self._learn(index)
@@ -233,13 +311,15 @@ class Prefetcher:
         self._previous = index
 
     def _upcoming(self, index: int) -> list[int]:
+        """The next ``depth`` streamed groups after ``index`` (resident ones need no read)."""
         upcoming = []
         group = index
-        for _ in range(self.depth):
+        for _ in range(len(self.sources)):
             group = self.successor[group]
-            if group == index or group in upcoming:
+            if group == index or group in upcoming or len(upcoming) == self.depth:
                 break
-            upcoming.append(group)
+            if group not in self._resident:
+                upcoming.append(group)
         return upcoming
 
     def _top_up(self, index: int) -> None:
@@ -365,6 +445,7 @@ class Prefetcher:
             self._slots.clear()
             self._free.clear()
         self.reader.close()
-        for buffer in self._buffers:
+        for buffer in self._buffers + [r.buffer for r in self._resident.values() if r.buffer is not None]:
             buffer.close()
         self._buffers = []
+        self._resident.clear()

@@ -37,7 +37,7 @@ def test_stats_per_forward_and_total(offload_dir):
     assert report.total.groups_read == sum(f.groups_read for f in report.forwards) >= 18
     assert report.total.bytes_read == report.total.groups_read * group_bytes
     data = report.as_dict()
-    assert set(data) == {"groups", "forwards", "total"}
+    assert set(data) == {"groups", "resident", "resident_bytes", "forwards", "total"}
     assert {"gb_per_s", "overlap", "stall_seconds", "bytes_read"} <= set(data["total"])
 
 
