@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="check each group's SHA-256 after every read",
     )
+    c.add_argument("--resident-budget", help="host RAM for groups kept loaded, e.g. 6GiB, or auto")
+    c.add_argument("--device-resident-budget", help="CUDA memory for groups kept loaded, e.g. 4GiB, or auto")
     c.add_argument("--show", action="store_true", help="only print the settings in force and where they come from")
     for name, text in (
         ("inspect", "list the groups, sizes, dtypes and fingerprint of an offload folder (exit 1: nothing of ours)"),
