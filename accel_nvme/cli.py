@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("folder", help="an offload folder, or one accel-nvme-<fingerprint> folder in it")
         if name == "clean":
             m.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+        if name == "inspect":
+            m.add_argument("--resident-budget", type=parse_size, default=0, help="show which groups it would keep")
     return parser
 
 
@@ -113,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "config":
         _config(args)
     else:
-        options = {"dry_run": args.dry_run} if args.command == "clean" else {}
+        options = {}
+        if args.command == "clean":
+            options["dry_run"] = args.dry_run
+        if args.command == "inspect":
+            options["resident_budget"] = args.resident_budget
         sys.exit(maintenance.run_command(args.command, args.folder, **options))
 
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .format import DTYPE_TO_SAFETENSORS, GroupFileError, read_layout
+from .format import DTYPE_TO_SAFETENSORS, GroupFileError, align_up, read_layout
+from .prefetch import spread_resident
 from .store import FOLDER_PREFIX, MANIFEST_NAME, StoreError, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -120,13 +121,16 @@ def _group_info(path: Path, name: str | None) -> dict:
     return {**info, "data_bytes": layout.data_bytes, "dtypes": dtypes, "tensors": len(layout.entries)}
 
 
-def _inspect_model(folder: Path) -> dict:
+def _inspect_model(folder: Path, resident_budget: int) -> dict:
     raw = _manifest_json(folder)
     try:
         listed = [(str(g["name"]), str(g["file"])) for g in raw["groups"]]
     except (KeyError, TypeError):
         listed = [(None, p.name) for p in sorted(folder.glob("group-*.safetensors"))]
     groups = [_group_info(folder / file, name) for name, file in listed]
+    resident = spread_resident([align_up(g["data_bytes"] or 0) for g in groups], resident_budget)
+    for index, group in enumerate(groups):
+        group["resident"] = index in resident
     try:
         load_manifest(folder)
         problem = None
@@ -141,13 +145,18 @@ def _inspect_model(folder: Path) -> dict:
         "problem": problem,
         "groups": groups,
         "total_bytes": sum(g["data_bytes"] or 0 for g in groups),
+        "streamed_bytes": sum(g["data_bytes"] or 0 for g in groups if not g["resident"]),
         "disk_bytes": _disk_bytes(folder),
         "foreign": [str(p) for p in _foreign_inside(folder)],
     }
 
 
-def inspect_folder(path: str | os.PathLike) -> dict:
-    """Describe an offload folder or one model folder: groups, sizes, dtypes, validity, leftovers, foreign entries."""
+def inspect_folder(path: str | os.PathLike, resident_budget: int = 0) -> dict:
+    """Describe an offload folder or one model folder: groups, sizes, dtypes, validity, leftovers, foreign entries.
+
+    With ``resident_budget``, each group says whether that budget would keep it resident, and each model how many
+    bytes a forward would still stream.
+    """
     path = Path(os.path.abspath(path))
     contents = _scan(path)
     leftovers = [
@@ -158,7 +167,7 @@ def inspect_folder(path: str | os.PathLike) -> dict:
     return {
         "path": str(path),
         "kind": "model folder" if contents.models == [path] else "offload folder",
-        "models": [_inspect_model(folder) for folder in contents.models],
+        "models": [_inspect_model(folder, resident_budget) for folder in contents.models],
         "leftovers": leftovers,
         "foreign": [str(p) for p in contents.foreign],
     }
@@ -185,7 +194,7 @@ def format_inspect(report: dict) -> str:
             f"{Path(model['folder']).name}",
             f"  fingerprint {model['fingerprint']}, format version {model['version']}, {state}",
             f"  {len(model['groups'])} group(s), {model['total_bytes']:,} data bytes, "
-            f"{model['disk_bytes']:,} bytes on disk",
+            f"{model['disk_bytes']:,} bytes on disk, {model['streamed_bytes']:,} streamed per forward",
         ]
         rows = [
             (
@@ -194,11 +203,12 @@ def format_inspect(report: dict) -> str:
                 "-" if g["data_bytes"] is None else f"{g['data_bytes']:,}",
                 ",".join(g["dtypes"]) or "-",
                 "-" if g["tensors"] is None else str(g["tensors"]),
+                "resident" if g["resident"] else "streamed",
                 g["problem"] or "",
             )
             for g in model["groups"]
         ]
-        lines += _table(("group", "file", "data bytes", "dtypes", "tensors", "problem"), rows, "  ")
+        lines += _table(("group", "file", "data bytes", "dtypes", "tensors", "kept", "problem"), rows, "  ")
         lines += [f"  not written by accel_nvme: {p}" for p in model["foreign"]]
     if report["leftovers"]:
         lines += ["", "leftovers of writers (accel-nvme clean removes them):"]
@@ -333,19 +343,20 @@ def clean_folder(path: str | os.PathLike, dry_run: bool = False) -> list[Path]:
     return removed
 
 
-def run_command(name: str, path: str | os.PathLike, **opts: bool) -> int:
+def run_command(name: str, path: str | os.PathLike, **opts: bool | int) -> int:
     """Run the ``inspect``, ``verify`` or ``clean`` command on ``path``: print its outcome, return its exit code.
 
-    ``clean`` takes ``dry_run=True`` to only list what it would remove. Exit codes: inspect 0, or 1 when the path
-    holds nothing of ours; verify 0 when every group file is sound, 1 when problems were found (each printed naming
-    its file); clean 0 when removed (or, dry run, removable), 2 when refused.
+    ``inspect`` takes ``resident_budget`` (bytes); ``clean`` takes ``dry_run=True`` to only list what it would
+    remove. Exit codes: inspect 0, or 1 when the path holds nothing of ours; verify 0 when every group file is sound,
+    1 when problems were found (each printed naming its file); clean 0 when removed (or, dry run, removable), 2 when
+    refused.
     """
     if name not in COMMANDS:
         raise ValueError(f"unknown command {name!r}, expected one of {', '.join(COMMANDS)}")
     failure = 2 if name == "clean" else 1
     try:
         if name == "inspect":
-            report = inspect_folder(path)
+            report = inspect_folder(path, **opts)
             print(format_inspect(report))
             return 0 if report["models"] or report["leftovers"] else 1
         if name == "verify":

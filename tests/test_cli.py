@@ -32,3 +32,11 @@ def test_inspect_verify_clean_exit_codes(tmp_path, offload_dir):
     assert cli("clean", str(offload_dir)).returncode == 0
     assert [p.name for p in offload_dir.iterdir()] == ["notes.txt"]
     assert cli("inspect", str(foreign)).returncode == 1
+
+
+def test_inspect_shows_which_groups_a_resident_budget_keeps(offload_dir):
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    accel_nvme.dispatch_model(model, {str(i): "nvme" for i in range(4)}, offload_dir=offload_dir)
+    result = cli("inspect", "--resident-budget", "40KiB", str(offload_dir))
+    assert result.returncode == 0
+    assert result.stdout.count("resident") == 2 and result.stdout.count("streamed") >= 2
