@@ -95,6 +95,11 @@ def dispatch_model(
     if loading is not None:
         device_map = {name: (NVME if device == "disk" else device) for name, device in device_map.items()}
         config = config or loading.config
+    for name, device in device_map.items():
+        if not _is_device(device):
+            raise ValueError(
+                f"device_map[{name!r}] is {device!r}: expected 'nvme', 'cpu', a GPU index or a torch device"
+            )
     nvme_entries = [name for name, device in device_map.items() if device == NVME]
     if not nvme_entries:
         return _accelerate_dispatch_model(
@@ -183,11 +188,6 @@ def _check_device_map(model: torch.nn.Module, device_map: Mapping[str, Any]) -> 
     unknown = [name for name in device_map if name not in modules]
     if unknown:
         raise ValueError(f"device_map names {unknown[:3]} which are not modules of {type(model).__name__}")
-    for name, device in device_map.items():
-        if not _is_device(device):
-            raise ValueError(
-                f"device_map[{name!r}] is {device!r}: expected 'nvme', 'cpu', a GPU index or a torch device"
-            )
     check_device_map(model, device_map)
     if "disk" in device_map.values():
         disk = [name for name, device in device_map.items() if device == "disk"]

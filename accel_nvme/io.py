@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ class FileReader:
         self.request_bytes = request_bytes
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="accel-nvme-io")
         self._fds: dict[Path, tuple[int, bool]] = {}
+        self._close_fds = weakref.finalize(self, _close_all, self._fds)
         self._lock = threading.Lock()
         self._closed = False
         self._active = 0
@@ -152,6 +154,11 @@ class FileReader:
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._closed = True
-            for fd, _ in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._close_fds()
+
+
+def _close_all(fds: dict[Path, tuple[int, bool]]) -> None:
+    """Close the descriptors of a reader, also when it is garbage-collected without ``close()``."""
+    for fd, _ in fds.values():
+        os.close(fd)
+    fds.clear()

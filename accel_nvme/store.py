@@ -206,33 +206,54 @@ def materialize(offload_dir: str | os.PathLike, plans: list[GroupPlan], io_threa
     root = Path(offload_dir)
     if not root.parent.is_dir():
         raise StoreError(f"offload folder {root}: its parent {root.parent} does not exist")
-    root.mkdir(exist_ok=True)
     with ThreadPoolExecutor(max(1, io_threads)) as pool:
         identities = list(pool.map(_group_identity, plans))
     fp = fingerprint(plans, identities)
     folder = root / f"{FOLDER_PREFIX}{fp}"
-    with _locked(root / f".{FOLDER_PREFIX}{fp}.lock"):
+    manifest = _reusable(folder, fp)
+    if manifest is not None:
+        return manifest
+    try:
+        root.mkdir(exist_ok=True)
+        lock = _locked(root / f".{FOLDER_PREFIX}{fp}.lock")
+        lock.__enter__()
+    except OSError as e:
+        raise StoreError(f"offload folder {root} is not writable ({e.strerror}); choose another offload folder") from e
+    try:
+        manifest = _reusable(folder, fp)
+        if manifest is not None:
+            return manifest
         if folder.exists():
-            try:
-                manifest = load_manifest(folder)
-                if manifest.fingerprint == fp:
-                    logger.info("reusing offload folder %s", folder)
-                    return manifest
-                logger.warning("%s: manifest fingerprint %s does not match, rewriting", folder, manifest.fingerprint)
-            except (StoreError, GroupFileError) as e:
-                logger.warning("%s is not a valid offload folder (%s), rewriting it", folder, e)
             shutil.rmtree(folder)
         for stale in root.glob(f".{FOLDER_PREFIX}{fp}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         _write_folder(root, folder, fp, plans)
         return load_manifest(folder)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _reusable(folder: Path, fp: str) -> Manifest | None:
+    """The folder's manifest when it is complete and holds these weights (folders appear whole, by rename)."""
+    if not folder.exists():
+        return None
+    try:
+        manifest = load_manifest(folder)
+    except (StoreError, GroupFileError) as e:
+        logger.warning("%s is not a valid offload folder (%s), rewriting it", folder, e)
+        return None
+    if manifest.fingerprint != fp:
+        logger.warning("%s: manifest fingerprint %s does not match, rewriting", folder, manifest.fingerprint)
+        return None
+    logger.info("reusing offload folder %s", folder)
+    return manifest
 
 
 def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> None:
     _check_free_space(root, plans)
     tmp = root / f".{FOLDER_PREFIX}{fp}.tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         groups = []
         for index, plan in enumerate(
             tqdm(plans, desc="Writing nvme groups", unit="group", leave=False, disable=progress_disabled())
@@ -263,7 +284,7 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise StoreError(
-                f"{root}: the disk filled up while writing nvme groups ({_needed_bytes(plans) / 1e9:.2f} GB needed); "
+                f"{root}: the disk filled up while writing nvme groups ({_size(_needed_bytes(plans))} needed); "
                 "nothing was left behind: free space or choose another offload folder"
             ) from e
         raise
@@ -281,12 +302,18 @@ def _needed_bytes(plans: list[GroupPlan]) -> int:
 
 def _check_free_space(root: Path, plans: list[GroupPlan]) -> None:
     st = os.statvfs(root)
+    if st.f_blocks == 0:
+        return  # ramfs and some FUSE mounts report no size: a full disk shows up as ENOSPC while writing
     free, needed = st.f_bavail * st.f_frsize, _needed_bytes(plans)
     if free < needed:
         raise StoreError(
-            f"{root}: writing {len(plans)} nvme groups needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB are free; "
+            f"{root}: writing {len(plans)} nvme groups needs {_size(needed)}, only {_size(free)} are free; "
             "free space or choose another offload folder"
         )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
@@ -351,7 +378,7 @@ class StoredWeights(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         group, entry = self.manifest.locate(self._members[key])
         with safe_open(group.path, framework="pt") as f:
-            return f.get_tensor(entry.name)
+            return f.get_tensor(entry.name).clone()  # a copy in RAM, not a view of a mapping of the file
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._members)

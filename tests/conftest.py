@@ -1,3 +1,4 @@
+import gc
 import subprocess
 import uuid
 
@@ -22,4 +23,5 @@ def ramfs(tmp_path):
     if result.returncode != 0:
         pytest.skip(f"cannot mount ramfs (needs root): {result.stderr.strip()}")
     yield mountpoint
+    gc.collect()  # readers of models left alive by a test close their files when collected
     subprocess.run(["umount", str(mountpoint)], check=True)
