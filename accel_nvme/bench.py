@@ -1,13 +1,19 @@
-"""Cold-forward benchmark of offloading modes on a synthetic model, each mode run in a fresh subprocess.
+"""Cold and warm forwards of offloading modes on a synthetic model, each mode run in a fresh subprocess.
 
 The parent (``run``) starts one worker per mode (``python -m accel_nvme.bench --mode ...``) so that peak RSS is
 the mode's own, compares every worker's outputs with the all-in-RAM model and reports times, bandwidth, memory and
-page-cache growth, plus the ratios the design measures against (raw read speed, accelerate and diffusers disk).
+page-cache growth, the ratios the design measures against (raw read speed, accelerate and diffusers disk) and a
+recommendation: nvme, or the page cache when the model fits in free RAM and buffered reads win once warm.
+
+Two synthetic models: a Sequential of fp32 Linear layers built in RAM (``linear``), or, when the model does not fit in
+RAM or ``from_pretrained`` is asked for, a Llama checkpoint written shard by shard and loaded with
+``from_pretrained(..., offload_backend="nvme")`` (``llama``). See docs/bench.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -21,43 +27,105 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 MODES = ("ram", "raw_direct", "raw_buffered", "accelerate_disk", "diffusers_disk", "nvme")
 RAW_MODES = ("raw_direct", "raw_buffered")
+WARM_ANCHORS = ("raw_buffered", "accelerate_disk")  # buffered paths that the page cache speeds up once warm
 PAGE = 4096
 DIRECT_REQUEST_BYTES = 4 << 20
 DIRECT_THREADS = 4
 BUFFERED_REQUEST_BYTES = 16 << 20
 DIFFUSERS_OFFLOAD_TYPE = "leaf_level"  # block_level puts the Linears of a bare Sequential into one group
 WORKER_TIMEOUT_S = 1800
+PROGRESS_INTERVAL_S = 0.5
 MB = 1 << 20
+RAM_HEADROOM_BYTES = 2_000_000_000  # beyond the weights: interpreter, torch, activations, outputs
+LLAMA_VOCAB = 1024
+LLAMA_MAX_HIDDEN = 2048  # keeps one decoder layer (one nvme group) near 200 MB, so the nvme worker's RSS stays small
+LLAMA_MIN_LAYERS = 4
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The synthetic LlamaForCausalLM: tiny vocabulary, untied head, MLP 11/4 of hidden, fp32."""
+
+    hidden: int
+    layers: int
+    vocab: int = LLAMA_VOCAB
+
+    @property
+    def intermediate(self) -> int:
+        """MLP width (5632 for hidden 2048, as in Llama)."""
+        return self.hidden * 11 // 4
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one decoder layer: q, k, v, o, gate, up, down and two norms."""
+        return (4 * self.hidden**2 + 3 * self.hidden * self.intermediate + 2 * self.hidden) * 4
+
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of all tensors: embeddings, layers, final norm and head."""
+        return self.layers * self.layer_bytes + (2 * self.vocab * self.hidden + self.hidden) * 4
+
+    @classmethod
+    def for_size(cls, size_bytes: int) -> LlamaShape:
+        """The shape closest to ``size_bytes``: hidden grows up to 2048 (at least 4 layers), then layers do."""
+        hidden = max(128, min(LLAMA_MAX_HIDDEN, round((size_bytes / (LLAMA_MIN_LAYERS * 49)) ** 0.5 / 128) * 128))
+        shape = cls(hidden=hidden, layers=1)
+        return replace(shape, layers=max(1, round((size_bytes - shape.model_bytes) / shape.layer_bytes) + 1))
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The synthetic model (``layers`` × Linear(hidden, hidden), fp32) and the forwards timed on it."""
+    """The synthetic model and the forwards timed on it.
+
+    ``layers`` × Linear(hidden, hidden) fp32 in RAM, or with ``from_pretrained`` a Llama checkpoint of about the same
+    size (``llama_shape``); ``forwards`` cold and then ``warm_forwards`` warm forwards per batch.
+    """
 
     layers: int = 16
     hidden: int = 4096
     batches: tuple[int, ...] = (64, 512)
     forwards: int = 3
     seed: int = 0
+    warm_forwards: int = 2
+    from_pretrained: bool = False
+    resident_shares: tuple[float, ...] = ()
+
+    @property
+    def linear_bytes(self) -> int:
+        """Bytes of the Linear model's weights and biases (also the size the Llama checkpoint aims at)."""
+        return self.layers * (self.hidden * self.hidden + self.hidden) * 4
+
+    @property
+    def llama_shape(self) -> LlamaShape:
+        """The Llama checkpoint's shape, for ``from_pretrained``."""
+        return LlamaShape.for_size(self.linear_bytes)
 
     @property
     def model_bytes(self) -> int:
-        """Bytes of all weights and biases."""
-        return self.layers * (self.hidden * self.hidden + self.hidden) * 4
+        """Bytes of the weights of the model the bench runs."""
+        return self.llama_shape.model_bytes if self.from_pretrained else self.linear_bytes
 
 
 def hidden_for_size(size_bytes: int, layers: int) -> int:
     """The hidden size (a multiple of 128) that makes ``layers`` fp32 Linear layers weigh about ``size_bytes``."""
     return max(128, round((size_bytes / (4 * layers)) ** 0.5 / 128) * 128)
+
+
+def fits_in_ram(model_bytes: int, available_bytes: int) -> bool:
+    """Whether a model of ``model_bytes`` fits in ``available_bytes`` of RAM with 2 GB to spare."""
+    return model_bytes + RAM_HEADROOM_BYTES <= available_bytes
 
 
 # ---------------------------------------------------------------- page cache and memory probes
@@ -91,8 +159,8 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def drop_page_cache(folder: Path) -> dict[str, float | None]:
-    """Evict the files under ``folder`` from the page cache, by fadvise and by drop_caches.
+def drop_page_cache(folders: Iterable[Path]) -> dict[str, float | None]:
+    """Evict the files under ``folders`` from the page cache, by fadvise and by drop_caches.
 
     Returns the MiB each method freed from ``Cached:``, or None where the method failed.
     """
@@ -100,7 +168,7 @@ def drop_page_cache(folder: Path) -> dict[str, float | None]:
     freed: dict[str, float | None] = {}
     before = meminfo_cached_mb()
     try:
-        for path in (p for p in folder.rglob("*") if p.is_file()):
+        for path in (p for folder in folders for p in folder.rglob("*") if p.is_file()):
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -121,7 +189,18 @@ def drop_page_cache(folder: Path) -> dict[str, float | None]:
     return freed
 
 
-# ---------------------------------------------------------------- the model and the modes
+def _folder_bytes(folder: Path) -> int:
+    """Bytes allocated on disk under ``folder``; files that vanish while it is walked count as zero."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_blocks * 512 if path.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
+
+
+# ---------------------------------------------------------------- the Linear model
 
 
 def build_model(config: BenchConfig):
@@ -133,10 +212,12 @@ def build_model(config: BenchConfig):
 
 
 def make_input(config: BenchConfig, batch: int):
-    """The input of a forward at ``batch``, fixed by ``config.seed``."""
+    """The input of a forward at ``batch``: rows of hidden states, or ``batch`` token ids for the Llama."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed + batch)
+    if config.from_pretrained:
+        return torch.randint(3, config.llama_shape.vocab, (1, batch), generator=generator)
     return torch.randn(batch, config.hidden, generator=generator)
 
 
@@ -154,6 +235,90 @@ def _write_layer_files(config: BenchConfig, folder: Path) -> list[Path]:
     return paths
 
 
+# ---------------------------------------------------------------- the Llama checkpoint
+
+
+def _llama_config(shape: LlamaShape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.hidden // 128,
+        num_key_value_heads=shape.hidden // 128,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="float32",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _shard_of(name: str) -> str:
+    if name.startswith("model.layers."):
+        return f"layer-{int(name.split('.')[2]):05d}"
+    return "embed" if name.startswith("model.embed_tokens") else "head"
+
+
+def write_llama_checkpoint(shape: LlamaShape, folder: Path, seed: int = 0) -> int:
+    """Write a random LlamaForCausalLM checkpoint of ``shape`` to ``folder``, one shard per decoder layer.
+
+    Names and shapes come from a meta-device model; each shard's tensors are generated, saved and freed before the
+    next, so RAM holds one shard at a time. Returns the bytes of all tensors.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    config = _llama_config(shape)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        tensors = LlamaForCausalLM(config).state_dict()
+    shards: dict[str, list[str]] = {}
+    for name in tensors:
+        shards.setdefault(_shard_of(name), []).append(name)
+    files = {shard: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    with tqdm(
+        total=shape.model_bytes, unit="B", unit_scale=True, desc="writing synthetic weights", disable=None
+    ) as bar:
+        for shard, names in shards.items():
+            data = {}
+            for name in names:
+                meta = tensors[name]
+                if name.endswith("norm.weight"):
+                    data[name] = torch.ones(meta.shape, dtype=meta.dtype)
+                else:
+                    data[name] = torch.empty(meta.shape, dtype=meta.dtype).normal_(0, 0.02, generator=generator)
+                weight_map[name] = files[shard]
+            nbytes = sum(t.numel() * t.element_size() for t in data.values())
+            save_file(data, str(folder / files[shard]), metadata={"format": "pt"})
+            del data
+            total += nbytes
+            bar.update(nbytes)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total
+
+
+def _load_llama(checkpoint: Path, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **kwargs).eval()
+
+
+def _logits(model, ids):
+    return model(ids, use_cache=False).logits
+
+
+# ---------------------------------------------------------------- the modes
+
+
 def _aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, -(-nbytes // PAGE) * PAGE)
 
@@ -166,9 +331,16 @@ def _submit_direct_reads(pool: ThreadPoolExecutor, fd: int, view: memoryview, si
     ]
 
 
-def _setup_raw_direct(config: BenchConfig, folder: Path) -> Callable:
-    """Read every layer file with O_DIRECT: 4 threads of 4 MiB requests, two staging buffers taking turns."""
-    paths = _write_layer_files(config, folder)
+def _data_files(config: BenchConfig, folder: Path, checkpoint: Path | None) -> list[Path]:
+    """What the raw modes read: the checkpoint's shards, or layer files written for the Linear model."""
+    if checkpoint is not None:
+        return sorted(checkpoint.glob("*.safetensors"))
+    return _write_layer_files(config, folder)
+
+
+def _setup_raw_direct(config: BenchConfig, folder: Path, checkpoint: Path | None) -> Callable:
+    """Read every data file with O_DIRECT: 4 threads of 4 MiB requests, two staging buffers taking turns."""
+    paths = _data_files(config, folder, checkpoint)
     sizes = [p.stat().st_size for p in paths]
     buffers = [memoryview(_aligned_buffer(max(sizes))) for _ in range(2)]
     pool = ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="raw-direct")
@@ -187,14 +359,14 @@ def _setup_raw_direct(config: BenchConfig, folder: Path) -> Callable:
             for fd in fds:
                 os.close(fd)
         if total != sum(sizes):
-            raise RuntimeError(f"O_DIRECT read {total} bytes, expected {sum(sizes)} from {folder}")
+            raise RuntimeError(f"O_DIRECT read {total} bytes, expected {sum(sizes)} from {paths[0].parent}")
 
     return read_all
 
 
-def _setup_raw_buffered(config: BenchConfig, folder: Path) -> Callable:
-    """Read every layer file buffered and sequentially in 16 MiB requests, then drop it from the page cache."""
-    paths = _write_layer_files(config, folder)
+def _setup_raw_buffered(config: BenchConfig, folder: Path, checkpoint: Path | None) -> Callable:
+    """Read every data file buffered and sequentially in 16 MiB requests (the page cache keeps what it can)."""
+    paths = _data_files(config, folder, checkpoint)
     sizes = [p.stat().st_size for p in paths]
     view = memoryview(_aligned_buffer(max(sizes)))
 
@@ -208,29 +380,27 @@ def _setup_raw_buffered(config: BenchConfig, folder: Path) -> Callable:
                     if n == 0:
                         raise RuntimeError(f"{path}: read {done} bytes, expected {size}")
                     done += n
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
 
     return read_all
 
 
-def _setup_ram(config: BenchConfig, folder: Path) -> Callable:
+def _setup_ram(config: BenchConfig, folder: Path, checkpoint: Path | None) -> Callable:
     return build_model(config)
 
 
-def _setup_accelerate_disk(config: BenchConfig, folder: Path) -> Callable:
+def _setup_accelerate_disk(config: BenchConfig, folder: Path, checkpoint: Path | None) -> Callable:
     from accelerate import dispatch_model
 
     device_map = {str(i): "disk" for i in range(config.layers)}
     return dispatch_model(build_model(config), device_map=device_map, main_device="cpu", offload_dir=str(folder))
 
 
-def _setup_diffusers_disk(config: BenchConfig, folder: Path) -> Callable:
+def _apply_diffusers_disk(model, folder: Path):
     import torch
     from diffusers.hooks import apply_group_offloading
 
-    model = build_model(config)
     cpu = torch.device("cpu")
     apply_group_offloading(
         model,
@@ -243,21 +413,82 @@ def _setup_diffusers_disk(config: BenchConfig, folder: Path) -> Callable:
     return model
 
 
-def _setup_nvme(config: BenchConfig, folder: Path) -> Callable:
+def _setup_diffusers_disk(config: BenchConfig, folder: Path, checkpoint: Path | None) -> Callable:
+    return _apply_diffusers_disk(build_model(config), folder)
+
+
+def _setup_nvme(config: BenchConfig, folder: Path, checkpoint: Path | None, resident_share: float = 0.0) -> Callable:
     import accel_nvme
 
     device_map = {str(i): "nvme" for i in range(config.layers)}
-    return accel_nvme.dispatch_model(build_model(config), device_map, offload_dir=str(folder), main_device="cpu")
+    settings = accel_nvme.NvmeConfig(resident_budget=int(resident_share * config.model_bytes))
+    return accel_nvme.dispatch_model(
+        build_model(config), device_map, offload_dir=str(folder), main_device="cpu", config=settings
+    )
 
 
-SETUPS: dict[str, Callable[[BenchConfig, Path], Callable]] = {
-    "ram": _setup_ram,
-    "raw_direct": _setup_raw_direct,
-    "raw_buffered": _setup_raw_buffered,
-    "accelerate_disk": _setup_accelerate_disk,
-    "diffusers_disk": _setup_diffusers_disk,
-    "nvme": _setup_nvme,
+def _setup_llama_ram(config: BenchConfig, folder: Path, checkpoint: Path) -> Callable:
+    return functools.partial(_logits, _load_llama(checkpoint))
+
+
+def _setup_llama_accelerate_disk(config: BenchConfig, folder: Path, checkpoint: Path) -> Callable:
+    """transformers' own disk offload: accelerate's hooks read each tensor from the checkpoint's shards."""
+    model = _load_llama(checkpoint, device_map="auto", max_memory={"cpu": "20KB"}, offload_folder=str(folder))
+    return functools.partial(_logits, model)
+
+
+def _setup_llama_diffusers_disk(config: BenchConfig, folder: Path, checkpoint: Path) -> Callable:
+    return functools.partial(_logits, _apply_diffusers_disk(_load_llama(checkpoint), folder))
+
+
+def _setup_llama_nvme(config: BenchConfig, folder: Path, checkpoint: Path, resident_share: float = 0.0) -> Callable:
+    import accel_nvme  # noqa: F401  (teaches from_pretrained offload_backend="nvme")
+
+    kwargs = {"offload_backend": "nvme", "offload_folder": str(folder)}
+    kwargs["nvme_resident_budget"] = int(resident_share * config.model_bytes)
+    model = _load_llama(checkpoint, device_map="auto", max_memory={"cpu": "20KB"}, **kwargs)
+    return functools.partial(_logits, model)
+
+
+SETUPS: dict[str, dict[str, Callable[[BenchConfig, Path, Path | None], Callable]]] = {
+    "linear": {
+        "ram": _setup_ram,
+        "raw_direct": _setup_raw_direct,
+        "raw_buffered": _setup_raw_buffered,
+        "accelerate_disk": _setup_accelerate_disk,
+        "diffusers_disk": _setup_diffusers_disk,
+        "nvme": _setup_nvme,
+    },
+    "llama": {
+        "ram": _setup_llama_ram,
+        "raw_direct": _setup_raw_direct,
+        "raw_buffered": _setup_raw_buffered,
+        "accelerate_disk": _setup_llama_accelerate_disk,
+        "diffusers_disk": _setup_llama_diffusers_disk,
+        "nvme": _setup_llama_nvme,
+    },
 }
+NEEDS_MODEL_IN_RAM = {"linear": frozenset(MODES), "llama": frozenset({"ram", "diffusers_disk"})}
+
+
+RESIDENT_PREFIX = "nvme_resident_"
+
+
+def resident_mode(share: float) -> str:
+    """The mode name of nvme with ``share`` of the model kept resident, e.g. ``nvme_resident_25``."""
+    return f"{RESIDENT_PREFIX}{round(share * 100)}"
+
+
+def _setup(config: BenchConfig, mode: str) -> Callable[[BenchConfig, Path, Path | None], Callable]:
+    setups = SETUPS[model_kind(config)]
+    if mode.startswith(RESIDENT_PREFIX):
+        return functools.partial(setups["nvme"], resident_share=int(mode.removeprefix(RESIDENT_PREFIX)) / 100)
+    return setups[mode]
+
+
+def model_kind(config: BenchConfig) -> str:
+    """``llama`` (a checkpoint loaded by from_pretrained) or ``linear`` (a Sequential built in RAM)."""
+    return "llama" if config.from_pretrained else "linear"
 
 
 def _skip_reason(mode: str) -> str | None:
@@ -272,37 +503,62 @@ def _skip_reason(mode: str) -> str | None:
 # ---------------------------------------------------------------- the worker
 
 
-def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path) -> dict:
-    """Set ``mode`` up in this process, time cold forwards and save their outputs; returns the measurements."""
+def _timed_forwards(forward: Callable, x, count: int, drop: Callable[[], None] | None) -> tuple[list, list, list]:
+    """``count`` forwards, each after ``drop()`` when given: times (s), page-cache growth (MiB) and outputs."""
+    times, growth, outputs = [], [], []
+    for _ in range(count):
+        if drop is not None:
+            drop()
+        cached = meminfo_cached_mb()
+        t0 = time.perf_counter()
+        outputs.append(forward(x))
+        times.append(time.perf_counter() - t0)
+        growth.append(meminfo_cached_mb() - cached)
+    return times, growth, outputs
+
+
+def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path, checkpoint: Path | None) -> dict:
+    """Set ``mode`` up in this process, time cold then warm forwards and save their outputs; returns measurements.
+
+    Cold: the page cache is dropped (fadvise on the files read, then drop_caches) before each forward. Warm: the
+    forwards that follow, without dropping.
+    """
     import torch
 
     skip = _skip_reason(mode)
     if skip is not None:
         return {"mode": mode, "status": "skipped", "error": skip}
+    folders = [folder] if checkpoint is None else [folder, checkpoint]
+    drops: list[dict[str, float | None]] = []
     start = time.perf_counter()
     with torch.inference_mode():
-        forward = SETUPS[mode](config, folder)
+        forward = _setup(config, mode)(config, folder, checkpoint)
         gc.collect()
         setup_s = time.perf_counter() - start
         rss_after_setup = _proc_status_mb("VmRSS")
         setup_peak = _proc_status_mb("VmHWM") or 0.0
         peak_reset = _reset_peak_rss()
-        drops, batches, outputs = [], [], {}
+        batches, outputs = [], {}
         for batch in config.batches:
             x = make_input(config, batch)
             forward(x)  # warm-up: the code paths of this batch size are paged in before drop_caches runs
-            times, growth, stable = [], [], True
-            for _ in range(config.forwards):
-                drops.append(drop_page_cache(folder))
-                cached = meminfo_cached_mb()
-                t0 = time.perf_counter()
-                y = forward(x)
-                times.append(time.perf_counter() - t0)
-                growth.append(meminfo_cached_mb() - cached)
-                if y is not None:
-                    stable = stable and (batch not in outputs or torch.equal(outputs[batch], y))
-                    outputs.setdefault(batch, y)
-            batches.append({"batch": batch, "times_s": times, "page_cache_growth_mb": growth, "stable": stable})
+            cold, cold_growth, cold_out = _timed_forwards(
+                forward, x, config.forwards, lambda: drops.append(drop_page_cache(folders))
+            )
+            warm, warm_growth, warm_out = _timed_forwards(forward, x, config.warm_forwards, None)
+            ys = [y for y in cold_out + warm_out if y is not None]
+            if ys:
+                outputs[batch] = ys[0]
+            batches.append(
+                {
+                    "batch": batch,
+                    "times_s": cold,
+                    "page_cache_growth_mb": cold_growth,
+                    "warm_times_s": warm,
+                    "warm_page_cache_growth_mb": warm_growth,
+                    "stable": all(torch.equal(ys[0], y) for y in ys),
+                }
+            )
     forward_peak = _proc_status_mb("VmHWM") if peak_reset else None
     if outputs:
         torch.save(outputs, outputs_path)
@@ -312,6 +568,7 @@ def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path)
         "setup_s": setup_s,
         "rss_after_setup_mb": rss_after_setup,
         "forward_peak_rss_mb": forward_peak,
+        "rss_above_setup_mb": None if forward_peak is None else forward_peak - rss_after_setup,
         # the reset above also lowers ru_maxrss, so the process peak takes the peak of the setup into account
         "peak_rss_mb": max(setup_peak, forward_peak or 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "page_cache_drop": _summarize_drops(drops),
@@ -330,24 +587,27 @@ def _summarize_drops(drops: list[dict[str, float | None]]) -> dict[str, dict[str
 
 def _worker_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One accel-nvme bench mode (started by `accel-nvme bench`).")
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--mode", required=True, help="one of MODES, or nvme_resident_<percent>")
     parser.add_argument("--config", required=True, help="BenchConfig as JSON")
     parser.add_argument("--folder", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, help="the Llama checkpoint (from_pretrained runs)")
     parser.add_argument("--outputs", type=Path, required=True)
     parser.add_argument("--json-out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     fields = json.loads(args.config)
-    config = BenchConfig(**{**fields, "batches": tuple(fields["batches"])})
+    config = BenchConfig(
+        **{**fields, "batches": tuple(fields["batches"]), "resident_shares": tuple(fields["resident_shares"])}
+    )
     args.folder.mkdir(parents=True, exist_ok=True)
-    result = run_worker(args.mode, config, args.folder, args.outputs)
+    result = run_worker(args.mode, config, args.folder, args.outputs, args.checkpoint)
     args.json_out.write_text(json.dumps(result))
 
 
 # ---------------------------------------------------------------- the parent
 
 
-def _machine_info(folder: Path) -> dict:
+def _machine_info(folder: Path, available_bytes: int) -> dict:
     import accelerate
     import psutil
     import torch
@@ -366,6 +626,7 @@ def _machine_info(folder: Path) -> dict:
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "ram_gb": psutil.virtual_memory().total / 1e9,
+        "available_ram_gb": available_bytes / 1e9,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "accelerate": accelerate.__version__,
@@ -380,7 +641,38 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _run_mode(mode: str, config: BenchConfig, root: Path) -> dict:
+@contextmanager
+def _files_progress(folder: Path, total: int, desc: str, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A bar of the bytes written under ``folder`` (a worker's offload files); yields the function that updates it."""
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if enabled else True) as bar:
+
+        def update() -> None:
+            if not bar.disable:
+                bar.update(min(total, _folder_bytes(folder)) - bar.n)
+
+        yield update
+
+
+def _wait(process: subprocess.Popen, update: Callable[[], None]) -> int | None:
+    """Wait for ``process``, updating the bar; None when it ran past the timeout (it is then killed)."""
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    try:
+        while True:
+            try:
+                return process.wait(timeout=PROGRESS_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                update()
+                if time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    return None
+    except BaseException:  # Ctrl-C: the worker must be gone before the parent removes the folder
+        process.kill()
+        process.wait()
+        raise
+
+
+def _run_mode(mode: str, config: BenchConfig, root: Path, checkpoint: Path | None) -> dict:
     """Run one mode in a fresh interpreter; a failing worker becomes a 'failed' result, never an exception."""
     json_out = root / f"{mode}.json"
     command = [
@@ -397,23 +689,37 @@ def _run_mode(mode: str, config: BenchConfig, root: Path) -> dict:
         str(root / f"{mode}.outputs.pt"),
         "--json-out",
         str(json_out),
+        *(["--checkpoint", str(checkpoint)] if checkpoint is not None else []),
     ]
     package_parent = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     logger.info("running mode %s", mode)
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"mode": mode, "status": "failed", "error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    logger.debug("worker %s stderr:\n%s", mode, done.stderr)
+    log_path = root / f"{mode}.log"
+    writes_files = mode != "ram" if checkpoint is None else mode.startswith(("nvme", "diffusers_disk"))
+    with (
+        open(log_path, "w") as log,
+        _files_progress(root / mode, config.model_bytes, f"{mode}: files", writes_files) as update,
+    ):
+        returncode = _wait(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), update)
+    output = log_path.read_text(errors="replace")
+    logger.debug("worker %s output:\n%s", mode, output)
     shutil.rmtree(root / mode, ignore_errors=True)
-    if done.returncode != 0 or not json_out.exists():
-        error = f"exit status {done.returncode}: {_last_line(done.stderr)}"
+    if returncode is None:
+        return {"mode": mode, "status": "failed", "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    if returncode != 0 or not json_out.exists():
+        error = f"exit status {returncode}: {_last_line(output)}"
         logger.warning("mode %s failed, %s", mode, error)
         return {"mode": mode, "status": "failed", "error": error}
     logger.info("mode %s done in %.1f s", mode, time.perf_counter() - start)
     return json.loads(json_out.read_text())
+
+
+def _stats(times: list[float], model_bytes: int) -> tuple[float | None, float | None, float | None]:
+    """min, median (s) and GB/s at the min; Nones for no forwards."""
+    if not times:
+        return None, None, None
+    return min(times), statistics.median(times), model_bytes / min(times) / 1e9
 
 
 def _compare_outputs(result: dict, outputs: Path, reference: Path | None) -> None:
@@ -423,9 +729,10 @@ def _compare_outputs(result: dict, outputs: Path, reference: Path | None) -> Non
     mine = torch.load(outputs) if outputs.exists() else None
     ref = torch.load(reference) if reference is not None and reference.exists() else None
     for entry in result["batches"]:
-        entry["min_s"] = min(entry["times_s"])
-        entry["median_s"] = statistics.median(entry["times_s"])
-        entry["gb_per_s"] = result["model_bytes"] / entry["min_s"] / 1e9
+        entry["min_s"], entry["median_s"], entry["gb_per_s"] = _stats(entry["times_s"], result["model_bytes"])
+        entry["warm_min_s"], entry["warm_median_s"], entry["warm_gb_per_s"] = _stats(
+            entry["warm_times_s"], result["model_bytes"]
+        )
         batch = entry["batch"]
         if mine is None or ref is None or batch not in mine or batch not in ref:
             entry["exact"], entry["max_abs_diff"] = None, None
@@ -434,31 +741,133 @@ def _compare_outputs(result: dict, outputs: Path, reference: Path | None) -> Non
         entry["max_abs_diff"] = float((mine[batch] - ref[batch]).abs().max())
 
 
-def _ratios(results: list[dict], batches: Iterable[int]) -> dict[str, dict[str, float | None]]:
-    """nvme against the bound max(raw best, ram) and its speed-up over accelerate and diffusers, on min times."""
+def _time(results: list[dict], mode: str, batch: int, key: str = "min_s") -> float | None:
+    """``key`` of ``mode`` at ``batch``, or None when the mode did not run."""
+    for r in results:
+        if r["mode"] == mode and r["status"] == "ok":
+            return next((e[key] for e in r["batches"] if e["batch"] == batch), None)
+    return None
 
-    def best(mode: str, batch: int) -> float | None:
-        for r in results:
-            if r["mode"] == mode and r["status"] == "ok":
-                return next(e["min_s"] for e in r["batches"] if e["batch"] == batch)
-        return None
 
-    ratios: dict[str, dict[str, float | None]] = {
-        "nvme_over_bound": {},
-        "nvme_speedup_over_accelerate_disk": {},
-        "nvme_speedup_over_diffusers_disk": {},
-    }
+def compute_ratios(results: list[dict], batches: Iterable[int]) -> dict[str, dict[str, float | None]]:
+    """Ratios on min times, per batch: nvme against max(raw best, ram), and speed-ups = other's time / nvme's.
+
+    ``nvme_speedup_over_<mode>`` compares cold forwards; ``..._warm`` compares nvme cold with the buffered anchors'
+    warm forwards (what a user whose page cache holds the files gets).
+    """
+    ratios: dict[str, dict[str, float | None]] = {"nvme_over_bound": {}}
+    ratios |= {f"nvme_speedup_over_{m}": {} for m in MODES if m != "nvme"}
+    ratios |= {f"nvme_speedup_over_{m}_warm": {} for m in WARM_ANCHORS}
     for batch in batches:
-        nvme = best("nvme", batch)
-        raw = [t for t in (best(m, batch) for m in RAW_MODES) if t is not None]
-        candidates = [t for t in (min(raw, default=None), best("ram", batch)) if t is not None]
-        bound = max(candidates, default=None)
         key = str(batch)
+        nvme = _time(results, "nvme", batch)
+        raw = [t for t in (_time(results, m, batch) for m in RAW_MODES) if t is not None]
+        bound = max((t for t in (min(raw, default=None), _time(results, "ram", batch)) if t is not None), default=None)
         ratios["nvme_over_bound"][key] = nvme / bound if nvme and bound else None
-        for other in ("accelerate_disk", "diffusers_disk"):
-            t = best(other, batch)
-            ratios[f"nvme_speedup_over_{other}"][key] = t / nvme if nvme and t else None
+        for m in MODES[:-1]:
+            t = _time(results, m, batch)
+            ratios[f"nvme_speedup_over_{m}"][key] = t / nvme if nvme and t else None
+        for m in WARM_ANCHORS:
+            t = _time(results, m, batch, "warm_min_s")
+            ratios[f"nvme_speedup_over_{m}_warm"][key] = t / nvme if nvme and t else None
     return ratios
+
+
+def resident_sweep(results: list[dict], batches: Iterable[int], shares: Iterable[float]) -> dict[str, dict]:
+    """Cold forward time per resident share and batch, against the time nvme would take if it fell in proportion to
+    the streamed share, floored by compute (``expected_s`` = max(in-RAM time, nvme's time × (1 − share)));
+    ``vs_ram`` compares with the in-RAM forward."""
+    sweep = {}
+    for share in sorted({0.0, *shares}) if shares else ():
+        mode = "nvme" if share == 0 else resident_mode(share)
+        sweep[str(round(share * 100))] = {
+            str(batch): {
+                "time_s": (t := _time(results, mode, batch)),
+                "expected_s": max(n * (1 - share), _time(results, "ram", batch) or 0.0)
+                if (n := _time(results, "nvme", batch))
+                else None,
+                "vs_ram": t / ram if t and (ram := _time(results, "ram", batch)) else None,
+            }
+            for batch in batches
+        }
+    return sweep
+
+
+def _page_cache_time(results: list[dict], batch: int) -> tuple[float | None, str | None]:
+    """The best warm forward the page cache offers at ``batch``, and where it comes from.
+
+    accelerate disk's warm forward counts as measured; a raw buffered warm read counts as max(read, in-RAM forward),
+    the least a forward that reads it must take.
+    """
+    candidates = []
+    accelerate = _time(results, "accelerate_disk", batch, "warm_min_s")
+    if accelerate is not None:
+        candidates.append((accelerate, "accelerate disk, warm"))
+    raw = _time(results, "raw_buffered", batch, "warm_min_s")
+    if raw is not None:
+        ram = _time(results, "ram", batch)
+        if ram is None:
+            candidates.append((raw, "buffered read, warm"))
+        else:
+            candidates.append((max(raw, ram), "max(buffered read warm, in-RAM forward)"))
+    return min(candidates, default=(None, None))
+
+
+def recommend(report: dict) -> dict:
+    """The setting the measurements favour: ``page_cache`` or ``nvme`` (None when nvme was not measured).
+
+    The page cache wins when the model fits in the RAM that was available (2 GB to spare) and, at every batch, a
+    buffered anchor's warm forward beats nvme's cold forward; otherwise nvme, with the settings in force.
+    """
+    results, config = report["modes"], report["config"]
+    available = report["machine"]["available_ram_gb"]
+    model_gb = config["model_bytes"] / 1e9
+    settings = ", ".join(f"{k}={v}" for k, v in report["nvme_settings"].items() if k != "offload_dir")
+    comparisons = {}
+    for batch in config["batches"]:
+        nvme = _time(results, "nvme", batch)
+        page_cache, source = _page_cache_time(results, batch)
+        comparisons[str(batch)] = {"nvme_cold_s": nvme, "page_cache_warm_s": page_cache, "page_cache_source": source}
+    if all(c["nvme_cold_s"] is None for c in comparisons.values()):
+        return {"setting": None, "comparisons": comparisons, "text": "no recommendation: nvme was not measured"}
+    fits = fits_in_ram(config["model_bytes"], int(available * 1e9))
+    page_cache_wins = all(
+        c["page_cache_warm_s"] is not None
+        and c["nvme_cold_s"] is not None
+        and c["page_cache_warm_s"] < c["nvme_cold_s"]
+        for c in comparisons.values()
+    )
+    times = "; ".join(
+        f"batch {b}: {_fmt(c['page_cache_warm_s'], '.3f')} s ({c['page_cache_source'] or 'not measured'})"
+        f" vs nvme cold {_fmt(c['nvme_cold_s'], '.3f')} s"
+        for b, c in comparisons.items()
+    )
+    if fits and page_cache_wins:
+        text = (
+            f"the page cache serves this machine better: the {model_gb:.2f} GB model fits in the {available:.1f} GB"
+            f" of available RAM and warm buffered forwards beat nvme's cold ones ({times}). Keep the model in RAM"
+            ' (no offload), or use accelerate "disk" offload, which reads from the page cache once warm; choose'
+            ' offload_backend="nvme" when that RAM is needed for something else.'
+        )
+        return {"setting": "page_cache", "fits_in_ram": fits, "comparisons": comparisons, "text": text}
+    if not fits:
+        why = f"the {model_gb:.2f} GB model does not fit in the {available:.1f} GB of available RAM (2 GB to spare)"
+    elif all(c["page_cache_warm_s"] is None for c in comparisons.values()):
+        why = "no buffered anchor (raw_buffered, accelerate_disk) was measured warm to compare with"
+    else:
+        why = f"warm buffered forwards do not beat nvme's cold ones ({times})"
+    text = f'offload_backend="nvme" with the settings in force ({settings}): {why}.'
+    return {"setting": "nvme", "fits_in_ram": fits, "comparisons": comparisons, "text": text}
+
+
+def _does_not_fit(mode: str, config: BenchConfig, available: int) -> dict | None:
+    if mode in NEEDS_MODEL_IN_RAM[model_kind(config)] and not fits_in_ram(config.model_bytes, available):
+        error = (
+            f"needs the {config.model_bytes / 1e9:.2f} GB model in RAM, {available / 1e9:.1f} GB available"
+            " (2 GB kept to spare)"
+        )
+        return {"mode": mode, "status": "does not fit", "error": error}
+    return None
 
 
 def run(
@@ -466,18 +875,47 @@ def run(
     modes: Iterable[str] = MODES,
     offload_folder: str | os.PathLike | None = None,
     json_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    warm_forwards: int | None = None,
+    from_pretrained: bool | None = None,
 ) -> dict:
     """Run each mode in its own subprocess under a fresh temporary folder and gather the report.
 
-    The folder is created inside ``offload_folder`` (default: the current directory) and removed at the end.
+    The folder (worker files and, for ``from_pretrained``, the synthetic checkpoint) is created inside
+    ``offload_folder`` (default: the current directory) and removed at the end, Ctrl-C included.
+    ``warm_forwards`` overrides the config's; ``from_pretrained`` too, and when None it is switched on if the Linear
+    model would not fit in the available RAM. ``json_path`` and ``plot_path`` also write the report there.
     """
-    modes = [m for m in MODES if m in set(modes)]
+    import psutil
+
+    from accel_nvme.config import load_config
+
+    available = psutil.virtual_memory().available
+    if from_pretrained is None:
+        from_pretrained = config.from_pretrained or not fits_in_ram(config.linear_bytes, available)
+        if from_pretrained and not config.from_pretrained:
+            logger.info(
+                "%.1f GB does not fit in %.1f GB of free RAM: using from_pretrained",
+                config.linear_bytes / 1e9,
+                available / 1e9,
+            )
+    config = replace(
+        config,
+        from_pretrained=from_pretrained,
+        warm_forwards=config.warm_forwards if warm_forwards is None else warm_forwards,
+    )
+    modes = [m for m in MODES if m in set(modes)] + [resident_mode(s) for s in config.resident_shares if s > 0]
     root = Path(tempfile.mkdtemp(prefix="accel-nvme-bench-", dir=offload_folder or "."))
     try:
-        machine = _machine_info(root)
+        machine = _machine_info(root, available)
+        checkpoint = None
+        if config.from_pretrained:
+            checkpoint = root / "checkpoint"
+            checkpoint.mkdir()
+            write_llama_checkpoint(config.llama_shape, checkpoint, config.seed)
         results = []
         for mode in modes:
-            result = _run_mode(mode, config, root)
+            result = _does_not_fit(mode, config, available) or _run_mode(mode, config, root, checkpoint)
             if result["status"] == "ok":
                 result["model_bytes"] = config.model_bytes
                 reference = root / "ram.outputs.pt" if "ram" in modes else None
@@ -487,16 +925,29 @@ def run(
         shutil.rmtree(root, ignore_errors=True)
     report = {
         "machine": machine,
-        "config": {**asdict(config), "model_bytes": config.model_bytes, "modes": modes},
+        "config": {
+            **asdict(config),
+            "model": model_kind(config),
+            "model_bytes": config.model_bytes,
+            "llama_shape": {**asdict(config.llama_shape), "intermediate": config.llama_shape.intermediate}
+            if config.from_pretrained
+            else None,
+            "modes": modes,
+        },
+        "nvme_settings": asdict(load_config()),
         "modes": results,
-        "ratios": _ratios(results, config.batches),
+        "ratios": compute_ratios(results, config.batches),
+        "resident_sweep": resident_sweep(results, config.batches, config.resident_shares),
     }
+    report["recommendation"] = recommend(report)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2))
+    if plot_path is not None:
+        plot_report(report, plot_path)
     return report
 
 
-# ---------------------------------------------------------------- the printed report
+# ---------------------------------------------------------------- the printed report and the plot
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -511,61 +962,207 @@ def _exact_text(mode: str, entry: dict) -> str:
     return "yes" if entry["exact"] else f"no (max |diff| {entry['max_abs_diff']:.3g})"
 
 
-def format_report(report: dict) -> str:
-    """The report as a text table followed by the nvme ratios."""
-    config = report["config"]
-    header = (
-        "mode",
-        "batch",
-        "cold fwd s min/median",
-        "GB/s",
-        "RSS setup MB",
-        "fwd peak RSS MB",
-        "process peak RSS MB",
-        "cache growth MB",
-        "exact",
-    )
+def _pair(a: float | None, b: float | None, spec: str) -> str:
+    return "-" if a is None else f"{a:{spec}} / {_fmt(b, spec)}"
+
+
+def _model_text(config: dict) -> str:
+    if config["model"] == "llama":
+        s = config["llama_shape"]
+        return (
+            f"LlamaForCausalLM {s['layers']} layers, hidden {s['hidden']}, MLP {s['intermediate']}, vocab {s['vocab']},"
+            f" fp32 = {config['model_bytes'] / 1e9:.2f} GB, loaded by from_pretrained; batch = tokens of one sequence"
+        )
+    h = config["hidden"]
+    return f"{config['layers']} x Linear({h}, {h}) fp32 = {config['model_bytes'] / 1e9:.2f} GB"
+
+
+TABLE_HEADER = (
+    "mode",
+    "batch",
+    "cold s min/med",
+    "cold GB/s",
+    "warm s min/med",
+    "warm GB/s",
+    "RSS setup MB",
+    "fwd peak RSS MB",
+    "RSS above setup MB",
+    "process peak MB",
+    "cache growth MB cold/warm",
+    "exact",
+)
+
+
+def _rows(report: dict) -> list[tuple[str, ...]]:
     rows = []
     for r in report["modes"]:
         if r["status"] != "ok":
-            rows.append((r["mode"], "-", r["status"], "", "", "", "", "", ""))
+            rows.append((r["mode"], "-", r["status"], *[""] * (len(TABLE_HEADER) - 3)))
             continue
         for e in r["batches"]:
             rows.append(
                 (
                     r["mode"],
                     str(e["batch"]),
-                    f"{e['min_s']:.3f} / {e['median_s']:.3f}",
+                    _pair(e["min_s"], e["median_s"], ".3f"),
                     f"{e['gb_per_s']:.2f}",
+                    _pair(e["warm_min_s"], e["warm_median_s"], ".3f"),
+                    _fmt(e["warm_gb_per_s"], ".2f"),
                     _fmt(r["rss_after_setup_mb"], ".0f"),
                     _fmt(r["forward_peak_rss_mb"], ".0f"),
+                    _fmt(r["rss_above_setup_mb"], ".0f"),
                     f"{r['peak_rss_mb']:.0f}",
-                    f"{max(e['page_cache_growth_mb']):.0f}",
+                    _pair(max(e["page_cache_growth_mb"]), max(e["warm_page_cache_growth_mb"], default=None), ".0f"),
                     _exact_text(r["mode"], e),
                 )
             )
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    load = report["machine"]["load_average_at_start"]
+    return rows
+
+
+def format_report(report: dict) -> str:
+    """The report as a text table, the nvme ratios and the recommendation."""
+    config, machine = report["config"], report["machine"]
+    rows = _rows(report)
+    widths = [max(len(str(row[i])) for row in [TABLE_HEADER, *rows]) for i in range(len(TABLE_HEADER))]
+    load = machine["load_average_at_start"]
     lines = [
-        f"load average at start: {load[0]:.2f} on {report['machine']['cpus']} CPUs (timings need a quiet machine)",
-        f"model: {config['layers']} x Linear({config['hidden']}, {config['hidden']}) fp32 = "
-        f"{config['model_bytes'] / 1e9:.2f} GB; {config['forwards']} cold forwards per batch, each after a warm-up",
-        " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        f"load average at start: {load[0]:.2f} on {machine['cpus']} CPUs (timings need a quiet machine);"
+        f" RAM {machine['ram_gb']:.1f} GB, {machine['available_ram_gb']:.1f} GB available",
+        f"model: {_model_text(config)}",
+        f"per batch: a warm-up forward, {config['forwards']} cold forwards (page cache dropped before each), then"
+        f" {config['warm_forwards']} warm forwards (not dropped)",
+        " | ".join(h.ljust(w) for h, w in zip(TABLE_HEADER, widths, strict=True)),
         "-+-".join("-" * w for w in widths),
         *(" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows),
+        "RSS setup: after setup; fwd peak: peak from the warm-ups to the end; RSS above setup: fwd peak - RSS setup"
+        " (what the forwards add to the resident part); process peak: the whole worker, setup included;"
+        " cache growth: largest rise of Cached: in /proc/meminfo over one forward",
     ]
-    lines.append(
-        "RSS setup: after setup; fwd peak: peak from warm-ups to the end; process peak: the whole worker, building"
-        " the model in RAM included; cache growth: largest rise of Cached: in /proc/meminfo over one forward"
-    )
     lines += [f"{r['mode']} {r['status']}: {r['error']}" for r in report["modes"] if r["status"] != "ok"]
     drops = next((r["page_cache_drop"] for r in report["modes"] if r["status"] == "ok"), {})
     lines.append("page-cache drop: " + ", ".join(f"{m} {'ok' if v else 'failed'}" for m, v in drops.items()))
-    lines.append("ratios on min times (nvme / max(min(raw_direct, raw_buffered), ram); speed-ups = other / nvme):")
+    lines.append(
+        "ratios on min times (nvme / max(min(raw_direct, raw_buffered), ram); speed-ups = other / nvme cold,"
+        " >1: nvme faster):"
+    )
     for name, per_batch in report["ratios"].items():
-        values = ", ".join(f"batch {b}: {_fmt(v, '.2f')}" for b, v in per_batch.items())
-        lines.append(f"  {name}: {values}")
+        if any(v is not None for v in per_batch.values()):
+            values = ", ".join(f"batch {b}: {_fmt(v, '.2f')}" for b, v in per_batch.items())
+            lines.append(f"  {name}: {values}")
+    if report.get("resident_sweep"):
+        lines.append(
+            "resident budget sweep (cold forward s; expected = max(in-RAM, nvme x streamed share); vs in-RAM):"
+        )
+        for share, per_batch in report["resident_sweep"].items():
+            cells = "; ".join(
+                f"batch {b}: {_fmt(v['time_s'], '.3f')} (expected {_fmt(v['expected_s'], '.3f')}, "
+                f"x{_fmt(v['vs_ram'], '.2f')} in-RAM)"
+                for b, v in per_batch.items()
+            )
+            lines.append(f"  {share:>3}% resident: {cells}")
+    lines.append(f"recommendation: {report['recommendation']['text']}")
     return "\n".join(lines)
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the bench plot needs matplotlib: pip install 'accel-nvme[plot]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_report(report: dict, path: str | os.PathLike) -> None:
+    """Write the report as a PNG: forward times per batch (cold and warm, with the in-RAM and raw-read floors)
+    and, below, each mode's memory (RSS above setup, process peak RSS, page-cache growth)."""
+    plt = _import_pyplot()
+    batches = report["config"]["batches"]
+    results = report["modes"]
+    modes = [r["mode"] for r in results]
+    sweep = report.get("resident_sweep") or {}
+    rows = 3 if sweep else 2
+    fig = plt.figure(figsize=(max(11, 6 * len(batches) + 2), 9 + 4 * (rows - 2)), layout="constrained")
+    grid = fig.add_gridspec(rows, len(batches), height_ratios=(3, 2, 2)[:rows])
+    y = range(len(modes))
+    for col, batch in enumerate(batches):
+        ax = fig.add_subplot(grid[0, col])
+        cold = [_time(results, m, batch) for m in modes]
+        warm = [_time(results, m, batch, "warm_min_s") for m in modes]
+        ax.barh([i - 0.2 for i in y], [t or 0 for t in cold], 0.4, color="tab:blue", label="cold (page cache dropped)")
+        ax.barh([i + 0.2 for i in y], [t or 0 for t in warm], 0.4, color="tab:orange", label="warm (files cached)")
+        top = max((t for t in cold + warm if t), default=1.0)
+        for i, r in enumerate(results):
+            if r["status"] != "ok":
+                ax.text(top * 0.02, i, r["status"], va="center", color="gray", style="italic")
+                continue
+            for t, offset in ((cold[i], -0.2), (warm[i], 0.2)):
+                if t:
+                    ax.text(t, i + offset, f" {t:.3g}", va="center", fontsize=8)
+        ram = _time(results, "ram", batch)
+        raw = min((t for t in (_time(results, m, batch) for m in RAW_MODES) if t), default=None)
+        for value, label, style in ((ram, "in-RAM forward", "--"), (raw, "raw read of the weights (cold)", ":")):
+            if value:
+                ax.axvline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label}: {value:.2f} s")
+        ax.set_yticks(list(y), [f"{m}\n(read only)" if m in RAW_MODES else m for m in modes])
+        ax.invert_yaxis()
+        ax.set_xlim(0, top * 1.15)
+        ax.set_xlabel("seconds per forward (min) — shorter is better")
+        ax.set_title(f"batch {batch}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax = fig.add_subplot(grid[1, :])
+    ok = [r for r in results if r["status"] == "ok"]
+    series = (
+        ("RSS above setup (what forwards add)", [r["rss_above_setup_mb"] or 0 for r in ok], "tab:green"),
+        ("process peak RSS", [r["peak_rss_mb"] for r in ok], "tab:purple"),
+        (
+            "page-cache growth (cold forward)",
+            [max(max(e["page_cache_growth_mb"]) for e in r["batches"]) for r in ok],
+            "tab:gray",
+        ),
+    )
+    for k, (label, values, color) in enumerate(series):
+        bars = ax.bar([i + (k - 1) * 0.27 for i in range(len(ok))], values, 0.27, label=label, color=color)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(ok)), [r["mode"] for r in ok])
+    ax.set_ylabel("MB")
+    ax.set_title("memory per mode, MB (lower is better)")
+    ax.legend(fontsize=8, loc="upper left")
+    for col, batch in enumerate(batches if sweep else ()):
+        ax = fig.add_subplot(grid[2, col])
+        shares = [int(share) for share in sweep]
+        ax.plot(shares, [sweep[s][str(batch)]["time_s"] for s in sweep], "o-", label="accel_nvme, cold")
+        ax.plot(
+            shares,
+            [sweep[s][str(batch)]["expected_s"] for s in sweep],
+            ":",
+            color="gray",
+            label="in proportion to the streamed share",
+        )
+        ram = _time(results, "ram", batch)
+        if ram:
+            ax.axhline(ram, color="black", linestyle="--", linewidth=1.2, label=f"in-RAM forward: {ram:.2f} s")
+        ax.set_xlabel("resident budget, % of the model")
+        ax.set_ylabel("seconds per forward")
+        ax.set_title(f"resident budget sweep, batch {batch}")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    config = report["config"]
+    if config["model"] == "llama":
+        shape = config["llama_shape"]
+        model = f"Llama, {shape['layers']} layers of hidden {shape['hidden']}"
+    else:
+        model = f"{config['layers']} x Linear({config['hidden']}, {config['hidden']})"
+    setting = {"page_cache": "the page cache (the model fits in free RAM)", "nvme": "nvme"}
+    fig.suptitle(
+        f"accel-nvme bench: {model}, {config['model_bytes'] / 1e9:.2f} GB fp32\n"
+        f"recommendation: {setting.get(report['recommendation']['setting'], 'none')}",
+        fontsize=11,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

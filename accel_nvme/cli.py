@@ -30,6 +30,16 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _percentages(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v.strip().rstrip("%")) / 100 for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected percentages between 0 and 100 separated by commas, got {text!r}")
+    return values
+
+
 def _modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = sorted(set(modes) - set(bench.MODES))
@@ -43,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel-nvme", description="Stream offloaded weights from NVMe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (worker output included)")
     commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("bench", help="time cold forwards of offloading modes on a synthetic model")
+    b = commands.add_parser("bench", help="time cold and warm forwards of offloading modes on a synthetic model")
     b.add_argument("--size", type=parse_size, help="model size, e.g. 1GB; picks --hidden for the given --layers")
     b.add_argument("--layers", type=int, default=16, help="number of Linear layers (default 16)")
     b.add_argument("--hidden", type=int, help="hidden size (default 4096)")
@@ -52,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.add_argument("--modes", type=_modes, default=bench.MODES, help=f"default: {','.join(bench.MODES)}")
+    b.add_argument("--warm-forwards", type=int, default=2, help="timed warm forwards per batch, page cache kept")
+    b.add_argument(
+        "--from-pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="use a synthetic Llama checkpoint loaded by from_pretrained (default: when the model does not fit in RAM)",
+    )
+    b.add_argument("--plot", help="also write the report as a PNG to this path (needs accel-nvme[plot])")
+    b.add_argument(
+        "--resident-budget",
+        type=_percentages,
+        default=(),
+        help="also run nvme with these shares of the model resident, in percent, e.g. 0,25,50,100",
+    )
     c = commands.add_parser("config", help="write defaults to accel_nvme.yaml in accelerate's config folder")
     c.add_argument("--offload-folder", dest="offload_dir", help="where group files are written")
     c.add_argument("--prefetch-depth", type=int, help="groups read ahead of the one in use")
@@ -96,12 +120,26 @@ def _config(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.size is not None and args.hidden is not None:
         parser.error("give --size or --hidden, not both")
-    if args.layers < 1 or args.forwards < 1:
-        parser.error("--layers and --forwards must be at least 1")
+    if args.layers < 1 or args.forwards < 1 or args.warm_forwards < 0:
+        parser.error("--layers and --forwards must be at least 1, --warm-forwards at least 0")
     hidden = bench.hidden_for_size(args.size, args.layers) if args.size is not None else args.hidden or 4096
-    config = bench.BenchConfig(layers=args.layers, hidden=hidden, batches=args.batch, forwards=args.forwards)
+    config = bench.BenchConfig(
+        layers=args.layers,
+        hidden=hidden,
+        batches=args.batch,
+        forwards=args.forwards,
+        resident_shares=args.resident_budget,
+    )
     logger.info("modes %s on %.2f GB of weights", ",".join(args.modes), config.model_bytes / 1e9)
-    report = bench.run(config, args.modes, offload_folder=args.offload_folder, json_path=args.json)
+    report = bench.run(
+        config,
+        args.modes,
+        offload_folder=args.offload_folder,
+        json_path=args.json,
+        plot_path=args.plot,
+        warm_forwards=args.warm_forwards,
+        from_pretrained=args.from_pretrained,
+    )
     print(bench.format_report(report))
 
 
@@ -109,6 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``accel-nvme`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        _run(args, parser)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     if args.command == "bench":
         _bench(args, parser)

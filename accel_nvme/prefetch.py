@@ -39,6 +39,7 @@ class TensorView:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor takes in the buffer."""
         numel = 1
         for d in self.shape:
             numel *= d

@@ -73,9 +73,11 @@ class CheckpointTensor:
     identity: tuple
 
     def numel(self) -> int:
+        """Number of elements, as ``torch.Tensor.numel``."""
         return math.prod(self.shape)
 
     def element_size(self) -> int:
+        """Bytes per element, as ``torch.Tensor.element_size``."""
         return self.dtype.itemsize
 
     def load(self) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""The bench's pure parts (table, ratios, recommendation, sizing, checkpoint) and the JSON/PNG of a tiny real run."""
+
+import json
+import sys
+
+import pytest
+
+from accel_nvme import bench
+
+GB = 1_000_000_000
+
+
+def _mode(mode, cold, warm, batch=8, status="ok"):
+    if status != "ok":
+        return {"mode": mode, "status": status, "error": "needs the model in RAM"}
+    entry = {
+        "batch": batch,
+        "times_s": [cold, cold * 1.1],
+        "page_cache_growth_mb": [0.0, 1.0],
+        "warm_times_s": [warm],
+        "warm_page_cache_growth_mb": [0.0],
+        "stable": True,
+        "min_s": cold,
+        "median_s": cold * 1.05,
+        "gb_per_s": 1.0 / cold,
+        "warm_min_s": warm,
+        "warm_median_s": warm,
+        "warm_gb_per_s": 1.0 / warm,
+        "exact": True,
+        "max_abs_diff": 0.0,
+    }
+    return {
+        "mode": mode,
+        "status": "ok",
+        "setup_s": 1.0,
+        "rss_after_setup_mb": 300.0,
+        "forward_peak_rss_mb": 500.0,
+        "rss_above_setup_mb": 200.0,
+        "peak_rss_mb": 520.0,
+        "page_cache_drop": {"fadvise": {"first_freed_mb": 1.0}, "drop_caches": {"first_freed_mb": 0.0}},
+        "batches": [entry],
+    }
+
+
+def _report(results, model_bytes=1 * GB, available_gb=20.0):
+    report = {
+        "machine": {
+            "load_average_at_start": (0.1, 0.1, 0.1),
+            "cpus": 2,
+            "ram_gb": 24.0,
+            "available_ram_gb": available_gb,
+        },
+        "config": {
+            "layers": 4,
+            "hidden": 1024,
+            "batches": [8],
+            "forwards": 2,
+            "warm_forwards": 1,
+            "seed": 0,
+            "from_pretrained": False,
+            "model": "linear",
+            "model_bytes": model_bytes,
+            "llama_shape": None,
+            "modes": [r["mode"] for r in results],
+        },
+        "nvme_settings": {"offload_dir": None, "prefetch_depth": 2, "io_threads": 4},
+        "modes": results,
+        "ratios": bench.compute_ratios(results, [8]),
+    }
+    report["recommendation"] = bench.recommend(report)
+    return report
+
+
+MEASURED = [
+    _mode("ram", 0.5, 0.5),
+    _mode("raw_direct", 0.8, 0.8),
+    _mode("raw_buffered", 0.9, 0.2),
+    _mode("accelerate_disk", 3.0, 1.5),
+    _mode("diffusers_disk", 2.0, 1.0, status="does not fit"),
+    _mode("nvme", 1.0, 1.0),
+]
+
+
+def test_ratios_against_the_bound_and_each_anchor():
+    ratios = bench.compute_ratios(MEASURED, [8])
+    assert ratios["nvme_over_bound"]["8"] == pytest.approx(1.0 / 0.8)  # max(min(raw), ram) = max(0.8, 0.5)
+    assert ratios["nvme_speedup_over_accelerate_disk"]["8"] == pytest.approx(3.0)
+    assert ratios["nvme_speedup_over_ram"]["8"] == pytest.approx(0.5)
+    assert ratios["nvme_speedup_over_diffusers_disk"]["8"] is None
+    assert ratios["nvme_speedup_over_accelerate_disk_warm"]["8"] == pytest.approx(1.5)
+    assert ratios["nvme_speedup_over_raw_buffered_warm"]["8"] == pytest.approx(0.2)
+
+
+def test_page_cache_is_recommended_when_the_model_fits_and_warm_buffered_wins():
+    rec = _report(MEASURED)["recommendation"]
+    assert rec["setting"] == "page_cache"
+    # a warm buffered read counts as max(read, in-RAM forward): max(0.2, 0.5)
+    assert rec["comparisons"]["8"]["page_cache_warm_s"] == pytest.approx(0.5)
+    assert "page cache serves" in rec["text"]
+
+
+def test_nvme_is_recommended_when_the_model_does_not_fit():
+    rec = _report(MEASURED, model_bytes=30 * GB, available_gb=20.0)["recommendation"]
+    assert rec["setting"] == "nvme"
+    assert "does not fit" in rec["text"] and "prefetch_depth=2" in rec["text"]
+
+
+def test_nvme_is_recommended_when_warm_buffered_forwards_are_slower():
+    slow = [_mode("ram", 1.2, 1.2), _mode("raw_buffered", 0.9, 0.3), _mode("accelerate_disk", 3.0, 2.0)]
+    rec = _report([*slow, _mode("nvme", 1.0, 1.0)])["recommendation"]
+    assert rec["setting"] == "nvme" and "do not beat" in rec["text"]
+
+
+def test_no_recommendation_without_nvme():
+    assert _report(MEASURED[:4])["recommendation"]["setting"] is None
+
+
+def test_table_shows_cold_warm_rss_above_setup_and_statuses():
+    text = bench.format_report(_report(MEASURED))
+    header = next(line for line in text.splitlines() if line.startswith("mode "))
+    for column in ("cold s min/med", "warm s min/med", "RSS above setup MB", "cache growth MB cold/warm"):
+        assert column in header
+    nvme_row = next(line for line in text.splitlines() if line.startswith("nvme "))
+    assert "1.000 / 1.050" in nvme_row and "| 200 " in nvme_row
+    assert "diffusers_disk does not fit: needs the model in RAM" in text
+    assert "nvme_speedup_over_diffusers_disk" not in text  # all-None ratios are left out
+    assert text.splitlines()[-1].startswith("recommendation: the page cache serves")
+
+
+def test_llama_shape_reaches_the_size_with_small_layers():
+    for size in (300_000_000, 4 * GB, 36 * GB):
+        shape = bench.LlamaShape.for_size(size)
+        assert abs(shape.model_bytes - size) <= shape.layer_bytes
+        assert shape.layer_bytes <= 210_000_000  # one nvme group per decoder layer keeps the worker's RSS small
+        assert shape.layers >= 1
+
+
+def test_modes_that_need_the_model_in_ram_do_not_fit():
+    config = bench.BenchConfig(from_pretrained=True)
+    small_ram = config.model_bytes
+    statuses = {m: bench._does_not_fit(m, config, small_ram) for m in bench.MODES}
+    assert {m for m, r in statuses.items() if r} == {"ram", "diffusers_disk"}
+    assert statuses["ram"]["status"] == "does not fit"
+    assert all(bench._does_not_fit(m, config, 100 * GB) is None for m in bench.MODES)
+
+
+def test_llama_checkpoint_matches_its_shape_and_index(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    shape = bench.LlamaShape(hidden=128, layers=2, vocab=64)
+    total = bench.write_llama_checkpoint(shape, tmp_path)
+    assert total == shape.model_bytes
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) == shape.layers + 2  # one per decoder layer, embeddings, norm + head
+    stored = {}
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            stored |= dict.fromkeys(f.keys(), shard.name)
+    assert stored == index["weight_map"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    config = bench.BenchConfig(layers=2, hidden=128, batches=(2,), forwards=1)
+    report = bench.run(config, ("ram", "nvme"), offload_folder=folder, json_path=folder / "report.json")
+    return folder, report
+
+
+def test_json_of_a_tiny_run(tiny_run):
+    folder, _ = tiny_run
+    report = json.loads((folder / "report.json").read_text())
+    assert set(report) == {"machine", "config", "nvme_settings", "modes", "ratios", "resident_sweep", "recommendation"}
+    assert report["config"]["model"] == "linear" and report["config"]["warm_forwards"] == 2
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert set(modes) == {"ram", "nvme"} and all(m["status"] == "ok" for m in modes.values())
+    nvme = modes["nvme"]
+    assert nvme["rss_above_setup_mb"] == pytest.approx(nvme["forward_peak_rss_mb"] - nvme["rss_after_setup_mb"])
+    (entry,) = nvme["batches"]
+    assert len(entry["times_s"]) == 1 and len(entry["warm_times_s"]) == 2
+    assert entry["warm_min_s"] == min(entry["warm_times_s"]) and entry["exact"] is True
+    assert report["recommendation"]["setting"] == "nvme"  # no buffered anchor was measured
+    assert [p.name for p in folder.iterdir()] == ["report.json"]  # the temporary bench folder is gone
+
+
+def test_plot_is_a_png(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs the optional extra: pip install 'accel-nvme[plot]'")
+    _, report = tiny_run
+    path = tmp_path / "bench.png"
+    bench.plot_report(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"accel-nvme\[plot\]"):
+        bench.plot_report(_report(MEASURED), tmp_path / "bench.png")
+
+
+def test_resident_sweep_runs_each_share_exactly(tmp_path):
+    config = bench.BenchConfig(
+        layers=4, hidden=128, batches=(2,), forwards=1, warm_forwards=0, resident_shares=(0.5, 1.0)
+    )
+    report = bench.run(config, ("ram", "nvme"), offload_folder=tmp_path)
+    modes = {r["mode"]: r for r in report["modes"]}
+    assert {"nvme_resident_50", "nvme_resident_100"} <= set(modes)
+    for mode in ("nvme", "nvme_resident_50", "nvme_resident_100"):
+        assert modes[mode]["status"] == "ok" and modes[mode]["batches"][0]["exact"], mode
+    assert set(report["resident_sweep"]) == {"0", "50", "100"}
+    assert report["resident_sweep"]["100"]["2"]["time_s"] > 0
+    assert "resident budget sweep" in bench.format_report(report)
