@@ -167,7 +167,7 @@ def _load_streamed(spec: tuple[str, str], folder, name: str, config, kwargs):
 
     library, class_name = spec
     component_class = getattr(importlib.import_module(library), class_name)
-    load_kwargs = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+    load_kwargs = {key: kwargs[key] for key in ("torch_dtype", "dtype") if key in kwargs}
     return component_class.from_pretrained(
         os.path.join(folder, name),
         device_map={"": "nvme"},
