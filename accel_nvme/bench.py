@@ -421,7 +421,7 @@ def _setup_nvme(config: BenchConfig, folder: Path, checkpoint: Path | None, resi
     import accel_nvme
 
     device_map = {str(i): "nvme" for i in range(config.layers)}
-    settings = accel_nvme.NvmeConfig(resident_budget=int(resident_share * config.model_bytes))
+    settings = accel_nvme.config.load_config(resident_budget=int(resident_share * config.model_bytes))
     return accel_nvme.dispatch_model(
         build_model(config), device_map, offload_dir=str(folder), main_device="cpu", config=settings
     )

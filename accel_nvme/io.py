@@ -110,20 +110,38 @@ class FileReader:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
 
     def submit(self, segments: list[Segment], buffer: StagingBuffer) -> list[Future]:
-        """Queue the reads of ``segments`` into ``buffer``; each future raises naming the file on failure."""
+        """Queue the reads of ``segments`` into ``buffer``; each future raises naming the file on failure.
+
+        O_DIRECT requests run in parallel (queue depth); a buffered segment is read front to back by one thread,
+        which keeps the kernel's readahead sequential (parallel buffered requests measured slower).
+        """
         futures = []
         for seg in segments:
-            for start in range(0, seg.length, self.request_bytes):
-                length = min(self.request_bytes, seg.length - start)
-                needed = max(0, min(length, seg.needed - start))
-                futures.append(
-                    self._pool.submit(
-                        self._read, seg.path, seg.file_offset + start, length, buffer, seg.buffer_offset + start, needed
-                    )
+            requests = [
+                (
+                    seg.file_offset + start,
+                    min(self.request_bytes, seg.length - start),
+                    seg.buffer_offset + start,
+                    max(0, min(self.request_bytes, seg.needed - start)),
                 )
+                for start in range(0, seg.length, self.request_bytes)
+            ]
+            if self._is_direct(seg.path):
+                futures += [self._pool.submit(self._read, seg.path, *request, buffer) for request in requests]
+            else:
+                futures.append(self._pool.submit(self._read_in_order, seg.path, requests, buffer))
         return futures
 
-    def _read(self, path: Path, offset: int, length: int, buffer: StagingBuffer, at: int, needed: int) -> int:
+    def _is_direct(self, path: Path) -> bool:
+        try:
+            return self._fd(path)[1]
+        except OSError:
+            return True  # the read reports the error, naming the file
+
+    def _read_in_order(self, path: Path, requests: list[tuple[int, int, int, int]], buffer: StagingBuffer) -> int:
+        return sum(self._read(path, *request, buffer) for request in requests)
+
+    def _read(self, path: Path, offset: int, length: int, at: int, needed: int, buffer: StagingBuffer) -> int:
         try:
             fd, direct = self._fd(path)
         except OSError as e:
