@@ -71,3 +71,41 @@ def cached_bytes(path) -> int:
     libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
     assert rc == 0, f"mincore failed with errno {ctypes.get_errno()}"
     return sum(v & 1 for v in vector) * 4096
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4):
+    """A small random LlamaForCausalLM built from a config (no hub access needed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_ddpm_pipeline(seed: int = 0):
+    """A DDPM pipeline with a small random UNet2DModel, built from components."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))

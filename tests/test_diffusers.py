@@ -5,7 +5,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, FluxTransformer2DModel, UNet2DModel  # noqa: E402
+from diffusers import DiffusionPipeline, FluxTransformer2DModel  # noqa: E402
+from helpers import tiny_ddpm_pipeline  # noqa: E402
 
 from accel_nvme import NvmeAlignDevicesHook  # noqa: E402
 from accel_nvme.store import FOLDER_PREFIX  # noqa: E402
@@ -81,18 +82,7 @@ def test_second_load_reuses_the_group_files(tmp_path, offload_dir):
 
 
 def tiny_pipeline():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).eval()
-    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
+    return tiny_ddpm_pipeline()
 
 
 def run(pipe):

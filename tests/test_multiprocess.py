@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 from accel_nvme.store import FOLDER_PREFIX
 
@@ -26,19 +26,7 @@ WORKER = textwrap.dedent(
 
 
 def test_two_processes_loading_into_one_folder_both_get_correct_outputs(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(hidden=128, layers=6)
     model.save_pretrained(tmp_path / "ckpt")
     ids = torch.arange(3, 11).reshape(1, 8)
     with torch.inference_mode():

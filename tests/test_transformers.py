@@ -4,8 +4,9 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from accel_nvme import NvmeAlignDevicesHook
 from accel_nvme.store import FOLDER_PREFIX
@@ -14,20 +15,7 @@ IDS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
 def llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def gpt2():

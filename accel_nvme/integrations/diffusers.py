@@ -14,8 +14,8 @@ import os
 import threading
 from types import ModuleType
 
-from ..dispatch import NvmeLoading, current_loading, disk_as_nvme
-from .kwargs import pop_nvme_config
+from ..dispatch import current_loading
+from .kwargs import pop_nvme_config, wrap_from_pretrained
 
 STREAMED_PREFIXES = ("transformer", "unet", "prior", "decoder", "text_encoder")
 _shard = threading.local()
@@ -28,26 +28,12 @@ def streamed_by_default(component: str) -> bool:
 
 def patch_model_loading(modeling_utils: ModuleType) -> None:
     """Wrap ``ModelMixin.from_pretrained`` and the shard loader / index writer it calls."""
-    model_mixin = modeling_utils.ModelMixin
-    original = model_mixin.from_pretrained.__func__
-    if getattr(original, "_accel_nvme", False):
-        return
 
-    @functools.wraps(original)
-    def from_pretrained(cls, *args, **kwargs):
-        config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
-        if config is None:
-            return original(cls, *args, **kwargs)
+    def prepare(kwargs: dict) -> None:
         kwargs.setdefault("offload_state_dict", False)
         _shard.loaded = {}
-        try:
-            with disk_as_nvme(NvmeLoading(config)):
-                return original(cls, *args, **kwargs)
-        finally:
-            _shard.loaded = {}
 
-    from_pretrained._accel_nvme = True
-    model_mixin.from_pretrained = classmethod(from_pretrained)
+    wrap_from_pretrained(modeling_utils.ModelMixin, prepare)
     modeling_utils._load_shard_file = _remember_shard(modeling_utils._load_shard_file)
     modeling_utils.load_state_dict = _remember_state_dict(modeling_utils.load_state_dict)
     save_offload_index = modeling_utils.save_offload_index

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from ..config import NvmeConfig, load_config
-from ..dispatch import NVME
+from ..dispatch import NVME, NvmeLoading, disk_as_nvme
 
 BACKENDS = (None, "disk", NVME)
 OPTION_PREFIX = "nvme_"
@@ -45,3 +47,23 @@ def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
         )
     kwargs["offload_folder"] = str(config.offload_dir)
     return config
+
+
+def wrap_from_pretrained(owner: type, prepare: Callable[[dict[str, Any]], None] = lambda kwargs: None) -> None:
+    """Replace ``owner.from_pretrained`` (once) by one that takes the nvme kwargs and, when the tier is on, loads
+    under ``disk_as_nvme`` after ``prepare(kwargs)`` adjusted the library's own kwargs."""
+    original = owner.from_pretrained.__func__
+    if getattr(original, "_accel_nvme", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
+        if config is None:
+            return original(cls, *args, **kwargs)
+        prepare(kwargs)
+        with disk_as_nvme(NvmeLoading(config)):
+            return original(cls, *args, **kwargs)
+
+    from_pretrained._accel_nvme = True
+    owner.from_pretrained = classmethod(from_pretrained)
