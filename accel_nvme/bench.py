@@ -47,7 +47,6 @@ BUFFERED_REQUEST_BYTES = 16 << 20
 DIFFUSERS_OFFLOAD_TYPE = "leaf_level"  # block_level puts the Linears of a bare Sequential into one group
 WORKER_TIMEOUT_S = 1800
 PROGRESS_INTERVAL_S = 0.5
-MB = 1 << 20
 RAM_HEADROOM_BYTES = 2_000_000_000  # beyond the weights: interpreter, torch, activations, outputs
 LLAMA_VOCAB = 1024
 LLAMA_MAX_HIDDEN = 2048  # keeps one decoder layer (one nvme group) near 200 MB, so the nvme worker's RSS stays small

@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     config = accel_nvme.NvmeConfig(prefetch_depth=depth)
     model = accel_nvme.dispatch_model(model, device_map, offload_dir=sys.argv[1], main_device="cpu", config=config)
     x = torch.randn(8, width)
+    import torch._dynamo  # noqa: F401  (accelerate's root hook imports it on the first forward: library code, not data)
     baseline = status("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")
     with torch.inference_mode():
