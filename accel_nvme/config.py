@@ -14,6 +14,7 @@ import yaml
 DIRECT_IO_CHOICES = ("auto", "on", "off")
 ENV_PREFIX = "ACCEL_NVME_"
 CONFIG_FILE_NAME = "accel_nvme.yaml"
+MAX_REQUEST_BYTES = 1 << 30
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _SIZE_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
@@ -47,9 +48,10 @@ class NvmeConfig:
             raise ValueError(f"NvmeConfig.prefetch_depth must be an integer >= 1, got {self.prefetch_depth!r}")
         if not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"NvmeConfig.io_threads must be an integer >= 1, got {self.io_threads!r}")
-        if not isinstance(self.io_request_bytes, int) or self.io_request_bytes < 4096 or self.io_request_bytes % 4096:
+        request = self.io_request_bytes
+        if not isinstance(request, int) or request < 4096 or request % 4096 or request > MAX_REQUEST_BYTES:
             raise ValueError(
-                f"NvmeConfig.io_request_bytes must be a positive multiple of 4096, got {self.io_request_bytes!r}"
+                f"NvmeConfig.io_request_bytes must be a multiple of 4096 between 4 KiB and 1 GiB, got {request!r}"
             )
         if self.direct_io not in DIRECT_IO_CHOICES:
             raise ValueError(f"NvmeConfig.direct_io must be one of {DIRECT_IO_CHOICES}, got {self.direct_io!r}")

@@ -419,7 +419,7 @@ def _sources(manifest: Manifest, verify: bool) -> list[GroupSource]:
             views.append(TensorView(member, cursor + start - aligned, entry.dtype, entry.shape))
             cursor += align_up(needed)
         checksum = (0, group.data_bytes, group.sha256) if verify else None
-        sources.append(GroupSource(group.index, group.name, tuple(segments), cursor, tuple(views), checksum))
+        sources.append(GroupSource(group.name, tuple(segments), cursor, tuple(views), checksum))
     return sources
 
 

@@ -98,7 +98,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
             self._refuse_training()
         if self._held:
             self._put_back()
-        tensors = self.prefetcher.acquire(self.group)
+        tensors = self.prefetcher.acquire(self.group, id(self))
         self._held = True
         # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies.
         copy = torch.is_grad_enabled() and not self.prefetcher.on_cuda

@@ -151,7 +151,12 @@ class FileReader:
                 self._busy_since = time.perf_counter()
             self._active += 1
         try:
-            got = os.preadv(fd, [buffer.view[at : at + length]], offset)
+            got = 0
+            while got < length:  # a read may return short (signals, FUSE): go on until EOF or an unaligned end
+                n = os.preadv(fd, [buffer.view[at + got : at + length]], offset + got)
+                got += n
+                if n == 0 or (direct and got % ALIGNMENT):
+                    break
             if not direct:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError as e:

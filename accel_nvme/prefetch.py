@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -40,17 +41,13 @@ class TensorView:
     @property
     def nbytes(self) -> int:
         """Bytes the tensor takes in the buffer."""
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
 class GroupSource:
     """How to bring one group into a buffer: the segments to read, the views to take, the checksum to verify."""
 
-    index: int
     name: str
     segments: tuple[Segment, ...]
     nbytes: int
@@ -126,6 +123,11 @@ def spread_resident(sizes: list[int], budget: int) -> set[int]:
     return kept
 
 
+def _views(source: GroupSource, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The member tensors of a group, as zero-copy views of the bytes ``data`` holds for it."""
+    return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in source.views}
+
+
 class Prefetcher:
     """Reads groups ahead of use into ``depth + 1`` reused staging buffers and hands out tensor views of them."""
 
@@ -144,7 +146,7 @@ class Prefetcher:
         self.stats = ForwardStats()
         self._history = [ForwardStats() for _ in range(HISTORY)]
         self._forwards = 0
-        self._seen: set[int] = set()
+        self._seen: set[int] = set()  # the callers of the forward in progress
         self._forward_start = ForwardStats()
         self._started_at = 0.0
         self._released_at = 0.0
@@ -159,7 +161,6 @@ class Prefetcher:
         self._buffers = [StagingBuffer(largest, pin) for _ in range(min(self._max_slots, max(1, len(sources))))]
         self._free = list(self._buffers)
         self._pointers = frozenset(b.tensor.data_ptr() for b in self._buffers)
-        self.device = device
         self._cond = threading.Condition()
         self._closed = False
         self._attached = 0
@@ -219,19 +220,23 @@ class Prefetcher:
             data.record_stream(compute)
         else:
             data = slot.buffer.tensor
-        return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in slot.source.views}
+        return _views(slot.source, data)
 
-    def acquire(self, index: int) -> dict[str, torch.Tensor]:
-        """The tensors of group ``index`` on the execution device, ready for the compute stream."""
+    def acquire(self, index: int, caller: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of group ``index`` on the execution device, ready for the compute stream.
+
+        ``caller`` identifies the module asking (several modules may share a group), for counting forwards.
+        """
+        caller = index if caller is None else caller
         resident = self._resident.get(index)
         if resident is not None:
             with self._cond:
-                self._count_forward(index)
+                self._count_forward(caller)
                 self._learn(index)
                 self._top_up(index)
             return self._resident_views(resident)
         with self._cond:
-            self._count_forward(index)
+            self._count_forward(caller)
             self._learn(index)
             slot = self._slots.get(index)
             if slot is None:
@@ -248,7 +253,7 @@ class Prefetcher:
         except BaseException:
             with self._cond:
                 slot.users -= 1
-                if slot.error is not None and self._slots.get(index) is slot:
+                if slot.error is not None and slot.users == 0 and self._slots.get(index) is slot:
                     self._drop(index)
             raise
         if self._cuda:
@@ -258,7 +263,7 @@ class Prefetcher:
             data = slot.device_data
         else:
             data = slot.buffer.tensor
-        return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in slot.source.views}
+        return _views(slot.source, data)
 
     def release(self, index: int) -> None:
         """A module is done with group ``index``; its buffer is refilled once another group is acquired."""
@@ -278,16 +283,16 @@ class Prefetcher:
                 records.append(self._since_start(ForwardStats()))
             return records
 
-    def _count_forward(self, index: int) -> None:
-        """A group used twice means a new forward began: close the record of the previous one."""
-        if index in self._seen:
+    def _count_forward(self, caller: int) -> None:
+        """A module asking again means a new forward began: close the record of the previous one."""
+        if caller in self._seen:
             self._since_start(self._history[self._forwards % HISTORY])
             self._forwards += 1
             self._seen.clear()
         if not self._seen:
             self._started_at = time.perf_counter()
             self._snapshot(self._forward_start)
-        self._seen.add(index)
+        self._seen.add(caller)
 
     def _snapshot(self, record: ForwardStats) -> ForwardStats:
         record.groups_read = self.stats.groups_read
@@ -379,7 +384,6 @@ class Prefetcher:
             if last and slot.error is None:
                 self.stats.groups_read += 1
                 self.stats.bytes_read += slot.source.nbytes
-                self.stats.read_seconds = self.reader.busy_seconds
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "group %s: %d bytes read in %.4f s",

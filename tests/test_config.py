@@ -104,3 +104,26 @@ def test_dispatch_model_honours_environment_and_file(monkeypatch, tmp_path):
     assert any((tmp_path / "env-folder").iterdir())
     with torch.inference_mode():
         assert torch.equal(model(torch.ones(1, 4)), expected)
+
+
+def test_an_explicit_nvme_config_wins_over_environment_and_file(monkeypatch):
+    from accel_nvme.integrations.kwargs import pop_nvme_config
+
+    save_config({"prefetch_depth": 3})
+    monkeypatch.setenv("ACCEL_NVME_IO_THREADS", "7")
+    kwargs = {
+        "offload_backend": "nvme",
+        "offload_folder": "/x",
+        "nvme_config": NvmeConfig(prefetch_depth=5),
+        "nvme_io_request_bytes": 8 << 20,
+    }
+    config = pop_nvme_config(kwargs, "Model.from_pretrained")
+    assert (config.prefetch_depth, config.io_threads, config.io_request_bytes) == (5, 4, 8 << 20)
+    assert kwargs == {"offload_folder": "/x"}
+    with pytest.raises(TypeError, match="nvme_prefetch"):
+        pop_nvme_config({"offload_backend": "nvme", "offload_folder": "/x", "nvme_prefetch": 2}, "Model")
+
+
+def test_request_size_is_capped():
+    with pytest.raises(ValueError, match="between 4 KiB and 1 GiB"):
+        NvmeConfig(io_request_bytes=2 << 30)

@@ -59,3 +59,16 @@ def test_debug_logging_shows_each_group(offload_dir, caplog):
 def test_stats_of_a_model_without_nvme_modules_is_a_clear_error():
     with pytest.raises(ValueError, match="no modules on the nvme tier"):
         accel_nvme.stats(model())
+
+
+def test_merged_groups_count_one_forward_per_call(offload_dir):
+    m = accel_nvme.dispatch_model(
+        model(depth=4, width=16),
+        {str(i): "nvme" for i in range(4)},
+        offload_dir=offload_dir,
+        config=NvmeConfig(group_bytes=1 << 30),
+    )
+    with torch.inference_mode():
+        for _ in range(3):
+            m(torch.randn(1, 16))
+    assert len(accel_nvme.stats(m).forwards) == 3

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from ..config import NvmeConfig, load_config
+from ..config import FIELDS, NvmeConfig, load_config
 from ..dispatch import NVME, NvmeLoading, disk_as_nvme
 
 BACKENDS = (None, "disk", NVME)
@@ -15,6 +16,9 @@ OPTION_PREFIX = "nvme_"
 
 def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
     """Pop ``offload_backend``, ``nvme_config`` and ``nvme_*`` options from ``kwargs``; the config when nvme is on.
+
+    An ``nvme_config`` is taken as given (``nvme_*`` kwargs still win); without one, the environment and the config
+    file apply over the defaults, as in ``load_config``.
 
     An explicit dict ``device_map`` with ``"nvme"`` values turns the tier on too; its values are rewritten to
     ``"disk"`` so the library loads those weights lazily, as it does for disk offload.
@@ -39,7 +43,13 @@ def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
         if "disk" in device_map.values():
             raise ValueError(f"{owner}: device_map mixes 'disk' and 'nvme' entries; map the 'disk' ones to 'nvme' too")
         kwargs["device_map"] = {name: ("disk" if device == NVME else device) for name, device in device_map.items()}
-    config = load_config(base, offload_dir=kwargs.get("offload_folder"), **options)
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"{owner}: unknown nvme options {[OPTION_PREFIX + k for k in unknown]}")
+    if base is not None:
+        config = replace(base.with_offload_dir(kwargs.get("offload_folder")), **options)
+    else:
+        config = load_config(offload_dir=kwargs.get("offload_folder"), **options)
     if config.offload_dir is None:
         raise ValueError(
             f"{owner}: offload_backend='nvme' needs a folder: pass offload_folder=..., set ACCEL_NVME_OFFLOAD_FOLDER, "
