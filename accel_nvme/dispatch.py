@@ -124,33 +124,37 @@ def dispatch_model(
     resident = _choose_resident(sources, config, execution_device)
     prefetcher = Prefetcher(sources, execution_device, reader, config.prefetch_depth, resident)
 
-    _leave_meta_tensors(model, plans)
-    accelerate_map = {name: device for name, device in device_map.items() if device != NVME}
-    accelerate_map.update(dict.fromkeys((name for name, _ in entries), "disk"))
-    offload_index = {**index, **_offload_index(manifest)}
-    with _without_meta_warning():
-        model = _accelerate_dispatch_model(
-            model,
-            accelerate_map,
-            main_device=main_device,
-            offload_dir=str(manifest.folder),
-            offload_index=offload_index,
-            **accelerate_kwargs,
-        )
-    for (name, module), plan, group in zip(entries, entry_plans, group_of_entry, strict=True):
-        prefix = f"{name}." if name else ""
-        _remove_accelerate_hooks(module)
-        hook = NvmeAlignDevicesHook(
-            prefetcher,
-            group,
-            name,
-            execution_device,
-            StoredWeights(manifest, prefix),
-            {member[len(prefix) :]: member for member in plan.members},
-            io_same_device=(name == ""),
-            skip_keys=skip_keys,
-        )
-        attach_nvme_hook(module, hook)
+    try:
+        _leave_meta_tensors(model, plans)
+        accelerate_map = {name: device for name, device in device_map.items() if device != NVME}
+        accelerate_map.update(dict.fromkeys((name for name, _ in entries), "disk"))
+        offload_index = {**index, **_offload_index(manifest)}
+        with _without_meta_warning():
+            model = _accelerate_dispatch_model(
+                model,
+                accelerate_map,
+                main_device=main_device,
+                offload_dir=str(manifest.folder),
+                offload_index=offload_index,
+                **accelerate_kwargs,
+            )
+        for (name, module), plan, group in zip(entries, entry_plans, group_of_entry, strict=True):
+            prefix = f"{name}." if name else ""
+            _remove_accelerate_hooks(module)
+            hook = NvmeAlignDevicesHook(
+                prefetcher,
+                group,
+                name,
+                execution_device,
+                StoredWeights(manifest, prefix),
+                {member[len(prefix) :]: member for member in plan.members},
+                io_same_device=(name == ""),
+                skip_keys=skip_keys,
+            )
+            attach_nvme_hook(module, hook)
+    except BaseException:
+        prefetcher.close()  # stop the reader threads and unpin the staging buffers
+        raise
     model.nvme_device_map = {name: (NVME if device == "disk" else device) for name, device in accelerate_map.items()}
     logger.info("%d nvme groups streaming from %s", len(plans), manifest.folder)
     return model

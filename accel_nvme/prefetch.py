@@ -165,8 +165,12 @@ class Prefetcher:
         self._closed = False
         self._attached = 0
         self._resident: dict[int, _Slot] = {}
-        for index, where in (resident or {}).items():
-            self._resident[index] = self._load_resident(sources[index], on_device=where == "device")
+        try:
+            for index, where in (resident or {}).items():
+                self._resident[index] = self._load_resident(sources[index], on_device=where == "device")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def on_cuda(self) -> bool:
