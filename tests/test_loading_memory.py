@@ -1,8 +1,8 @@
 """Peak RSS of a whole ``from_pretrained(..., offload_backend="nvme")`` load of a >= 2 GB checkpoint.
 
-The checkpoint is written shard by shard (random tensors, one or two layers per shard) so it never exists whole in
-RAM, here or in the loading process. A fresh subprocess imports accel_nvme and transformers, loads it with every
-module on nvme, runs one short forward and reports its VmHWM, counted from process start (imports included).
+The bench's writer puts the checkpoint on disk shard by shard (random tensors, one layer per shard), so it never
+exists whole in RAM, here or in the loading process. A fresh subprocess imports accel_nvme and transformers, loads
+it with every module on nvme, runs one short forward and reports its VmHWM, counted from process start.
 """
 
 import json
@@ -12,10 +12,12 @@ import textwrap
 import time
 
 import pytest
-import torch
+
+from accel_nvme import bench
 
 PREFETCH_DEPTH = 2  # NvmeConfig's default; the loading script passes it explicitly
 MIN_CHECKPOINT_BYTES = 2_000_000_000
+SHAPE = bench.LlamaShape(hidden=2048, layers=10, vocab=4096)  # fp32, one shard per decoder layer: 2.12 GB
 
 SCRIPT = textwrap.dedent(
     """
@@ -64,64 +66,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def write_checkpoint(path, layers_per_shard=1):
-    """A tiny-vocab fp32 Llama of ~2.1 GB, written one shard at a time; returns the bytes of its tensors."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=10,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config.save_pretrained(path)
-    with torch.device("meta"):
-        shapes = {name: (t.shape, t.dtype) for name, t in LlamaForCausalLM(config).state_dict().items()}
-
-    def shard_of(name):
-        if name.startswith("model.layers."):
-            return f"layers-{int(name.split('.')[2]) // layers_per_shard:03d}"
-        return "embed" if name.startswith("model.embed_tokens") else "head"
-
-    shards: dict[str, list[str]] = {}
-    for name in shapes:
-        shards.setdefault(shard_of(name), []).append(name)
-    files = {shard: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}
-    generator = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for shard, names in shards.items():
-        tensors = {}
-        for name in names:
-            shape, dtype = shapes[name]
-            if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape, dtype=dtype)
-            else:
-                tensors[name] = torch.randn(shape, dtype=dtype, generator=generator).mul_(0.02)
-            weight_map[name] = files[shard]
-            total += tensors[name].numel() * tensors[name].element_size()
-        save_file(tensors, str(path / files[shard]), metadata={"format": "pt"})
-        del tensors
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
-    return total
-
-
 @pytest.mark.slow
 def test_peak_rss_of_a_2gb_nvme_load_is_bounded(tmp_path):
     checkpoint, offload = tmp_path / "checkpoint", tmp_path / "offload"
     checkpoint.mkdir()
     offload.mkdir()
-    total = write_checkpoint(checkpoint)
+    total = bench.write_llama_checkpoint(SHAPE, checkpoint)
     assert total >= MIN_CHECKPOINT_BYTES
 
     started = time.perf_counter()
@@ -138,7 +88,7 @@ def test_peak_rss_of_a_2gb_nvme_load_is_bounded(tmp_path):
     assert figures["checkpoint_bytes"] >= MIN_CHECKPOINT_BYTES
     assert figures["devices"] == ["nvme"], figures["devices"]
     assert figures["groups"] >= 12, "expected a group per decoder layer plus embeddings, norm and head"
-    assert figures["logits_shape"] == [1, 8, 4096] and figures["logits_finite"]
+    assert figures["logits_shape"] == [1, 8, SHAPE.vocab] and figures["logits_finite"]
     group = figures["largest_group_file"]
     assert group >= figures["largest_group_data"]
     budget = (1 << 30) + group * (PREFETCH_DEPTH + 2)
