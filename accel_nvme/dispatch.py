@@ -380,7 +380,7 @@ def _merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan],
     group_of_entry = []
     size = 0
     for plan in plans:
-        nbytes = sum(t.numel() * t.element_size() for t in plan.tensors.values())
+        nbytes = plan.nbytes
         if merged and budget and size + nbytes <= budget:
             last = merged[-1]
             merged[-1] = GroupPlan(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -158,10 +159,7 @@ def read_layout(path: str | os.PathLike) -> GroupLayout:
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise GroupFileError(f"{path}: header entry {name!r} is malformed: {info!r}") from e
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * dtype.itemsize or start % dtype.itemsize:
+        if end - start != math.prod(shape) * dtype.itemsize or start % dtype.itemsize:
             raise GroupFileError(f"{path}: tensor {name!r} has byte range [{start}, {end}) that does not fit {info}")
         entries.append(TensorEntry(name, dtype, shape, start, end))
     entries.sort(key=lambda e: e.start)

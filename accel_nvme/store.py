@@ -120,6 +120,11 @@ class GroupPlan:
     tensors: dict[str, torch.Tensor | CheckpointTensor]
     members: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors this group stores."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
 
 @dataclass(frozen=True)
 class StoredGroup:
@@ -298,7 +303,7 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
 
 def _needed_bytes(plans: list[GroupPlan]) -> int:
     """Disk space the group files of ``plans`` take: data, plus a header page per group, plus the manifest."""
-    data = sum(t.numel() * t.element_size() for plan in plans for t in plan.tensors.values())
+    data = sum(plan.nbytes for plan in plans)
     return data + len(plans) * 2 * ALIGNMENT + (1 << 20)
 
 
