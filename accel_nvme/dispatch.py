@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpo
 logger = logging.getLogger(__name__)
 
 NVME = "nvme"
+PENDING_ATTR = "_accel_nvme_pending"  # an NvmeLoading left on a model by load_checkpoint_in_model, for dispatch
 _accelerate_dispatch_model = accelerate.big_modeling.dispatch_model
 
 
@@ -40,11 +42,12 @@ class NvmeLoading:
 
     Its nvme entries are split down to the model's ``_no_split_modules``, so a group is one block, not a whole
     encoder. ``index`` collects where offloaded weights sit in the checkpoint, for loaders that do not pass an
-    ``offload_index``.
+    ``offload_index``; ``mapped`` holds offloaded weights of ``.bin`` checkpoints, memory-mapped by ``torch.load``.
     """
 
     config: NvmeConfig
     index: dict[str, dict] = field(default_factory=dict)
+    mapped: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 _LOADING: contextvars.ContextVar[NvmeLoading | None] = contextvars.ContextVar("accel_nvme_loading", default=None)
@@ -113,29 +116,53 @@ def dispatch_model(
         )
     _check_device_map(model, device_map)
     main_device = _main_device(device_map, main_device)
-    entries = _expand_entries(model, nvme_entries, _no_split_classes(model) if loading else None)
-    index = dict(offload_index or (loading and loading.index) or {})
-    entry_plans = _plan_groups(model, entries, offload_buffers, main_device, index, device_map)
+    pending = model.__dict__.get(PENDING_ATTR)
+    index = {**(pending.index if pending else {}), **(loading.index if loading else {}), **(offload_index or {})}
+    mapped = {**(pending.mapped if pending else {}), **(loading.mapped if loading else {})}
+    with _all_or_nothing(model):
+        model.__dict__.pop(PENDING_ATTR, None)
+        return _dispatch_nvme(model, device_map, main_device, config, index, mapped, accelerate_kwargs)
+
+
+def _dispatch_nvme(
+    model: torch.nn.Module,
+    device_map: Mapping[str, Any],
+    main_device: Any,
+    config: NvmeConfig,
+    index: dict[str, dict],
+    mapped: dict[str, torch.Tensor],
+    accelerate_kwargs: dict[str, Any],
+) -> torch.nn.Module:
+    """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
+    offload_buffers, skip_keys = accelerate_kwargs["offload_buffers"], accelerate_kwargs["skip_keys"]
+    modules = dict(model.named_modules())
+    module_entries = [name for name, device in device_map.items() if device == NVME and name in modules]
+    tensor_entries = [name for name, device in device_map.items() if device == NVME and name not in modules]
+    entries, kept, placed = _expand_entries(model, module_entries, _no_split_classes(model), offload_buffers)
+    kept += tensor_entries
+    entry_plans = _plan_groups(model, entries, offload_buffers, main_device, index, mapped, device_map)
     plans, group_of_entry = _merge_groups(entry_plans, config.group_bytes)
     manifest = materialize(config.offload_dir, plans, config.io_threads)
     execution_device = _execution_device(main_device)
-    reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
     sources = _sources(manifest, config.verify_on_read)
-    resident = _choose_resident(sources, config, execution_device)
-    prefetcher = Prefetcher(sources, execution_device, reader, config.prefetch_depth, resident)
-
+    reader = prefetcher = None
     try:
+        reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
+        resident = _choose_resident(sources, config, execution_device)
+        prefetcher = Prefetcher(sources, execution_device, reader, config.prefetch_depth, resident)
         _leave_meta_tensors(model, plans)
+        _own_cpu_tensors(model)
+        _keep_resident(model, kept, execution_device, index, mapped)
         accelerate_map = {name: device for name, device in device_map.items() if device != NVME}
-        accelerate_map.update(dict.fromkeys((name for name, _ in entries), "disk"))
-        offload_index = {**index, **_offload_index(manifest)}
-        with _without_meta_warning():
+        accelerate_map.update(dict.fromkeys([*(name for name, _ in entries), *placed], "disk"))
+        accelerate_map.update(dict.fromkeys(kept, main_device))
+        with _quiet_accelerate():
             model = _accelerate_dispatch_model(
                 model,
                 accelerate_map,
                 main_device=main_device,
                 offload_dir=str(manifest.folder),
-                offload_index=offload_index,
+                offload_index={**index, **_offload_index(manifest)},
                 **accelerate_kwargs,
             )
         for (name, module), plan, group in zip(entries, entry_plans, group_of_entry, strict=True):
@@ -153,7 +180,10 @@ def dispatch_model(
             )
             attach_nvme_hook(module, hook)
     except BaseException:
-        prefetcher.close()  # stop the reader threads and unpin the staging buffers
+        if prefetcher is not None:
+            prefetcher.close()  # stop the reader threads and unpin the staging buffers
+        elif reader is not None:
+            reader.close()
         raise
     model.nvme_device_map = {name: (NVME if device == "disk" else device) for name, device in accelerate_map.items()}
     logger.info("%d nvme groups streaming from %s", len(plans), manifest.folder)
@@ -177,22 +207,69 @@ class _DropMetaWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _without_meta_warning() -> Iterator[None]:
+def _quiet_accelerate() -> Iterator[None]:
+    """Silence accelerate's notes on meta tensors and on device_map keys naming a tensor (both expected here)."""
     accelerate_logger = logging.getLogger("accelerate.big_modeling")
     drop = _DropMetaWarning()
     accelerate_logger.addFilter(drop)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The following device_map keys do not match any submodules")
+            yield
     finally:
         accelerate_logger.removeFilter(drop)
 
 
+@contextlib.contextmanager
+def _all_or_nothing(model: torch.nn.Module) -> Iterator[None]:
+    """On any exception (KeyboardInterrupt included), put back every tensor, hook and attribute the block changed.
+
+    Dispatch only replaces entries of modules' dicts (accelerate's ``set_module_tensor_to_device`` assigns new
+    tensors, hooks wrap ``forward`` in the instance dict), so shallow copies of those dicts are a full snapshot.
+    """
+    saved = [
+        (
+            module,
+            dict(module.__dict__),
+            dict(module._parameters),
+            dict(module._buffers),
+            dict(module._modules),
+            set(module._non_persistent_buffers_set),
+            {name: dict(p.__dict__) for name, p in module._parameters.items() if p is not None},
+        )
+        for module in model.modules()
+    ]
+    try:
+        yield
+    except BaseException:
+        for module, attributes, parameters, buffers, children, non_persistent, parameter_attributes in saved:
+            for live, kept in (
+                (module._parameters, parameters),
+                (module._buffers, buffers),
+                (module._modules, children),
+                (module._non_persistent_buffers_set, non_persistent),
+            ):
+                live.clear()
+                live.update(kept)
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, kept in parameter_attributes.items():
+                parameters[name].__dict__.update(kept)
+        logger.debug("dispatch of %s failed; the model was restored as it was", type(model).__name__)
+        raise
+
+
 def _check_device_map(model: torch.nn.Module, device_map: Mapping[str, Any]) -> None:
-    modules = dict(model.named_modules())
-    unknown = [name for name in device_map if name not in modules]
+    """Keys name modules or, as ``infer_auto_device_map`` emits for modules it splits, parameters and buffers."""
+    names = {name for name, _ in model.named_modules()}
+    names.update(name for name, _ in _named_tensors(model, include_buffers=True))
+    unknown = [name for name in device_map if name not in names]
     if unknown:
-        raise ValueError(f"device_map names {unknown[:3]} which are not modules of {type(model).__name__}")
-    check_device_map(model, device_map)
+        raise ValueError(
+            f"device_map names {unknown[:3]} which are neither modules nor parameters/buffers of {type(model).__name__}"
+        )
+    with _quiet_accelerate():
+        check_device_map(model, device_map)
     if "disk" in device_map.values():
         disk = [name for name, device in device_map.items() if device == "disk"]
         raise ValueError(
@@ -290,33 +367,94 @@ def _no_split_classes(model: torch.nn.Module) -> frozenset[str] | None:
 
 
 def _expand_entries(
-    model: torch.nn.Module, entries: list[str], no_split: frozenset[str] | None = None
-) -> list[tuple[str, torch.nn.Module]]:
-    """One group per entry; containers that are never called (ModuleList, ModuleDict) become one per child.
+    model: torch.nn.Module, entries: list[str], no_split: frozenset[str] | None, offload_buffers: bool
+) -> tuple[list[tuple[str, torch.nn.Module]], list[str], list[str]]:
+    """Split nvme entries into groups of one block each: ``(groups, kept, placed)``.
 
-    With ``no_split`` (a model's ``_no_split_modules``), entries are split further into their children unless
-    their class is listed or they hold tensors of their own, as accelerate's ``infer_auto_device_map`` may.
+    A module is split into its children when it is never called (ModuleList, ModuleDict), when it holds a block
+    (a class of ``no_split``, the model's ``_no_split_modules``), or, for a model naming none, when it is the root
+    entry ``""``. The tensors a split module holds directly (``logit_scale``, ``scale_shift_table``) are ``kept``
+    resident on the execution device: they are small, and every method reaching a submodule directly (``generate``
+    through ``get_encoder()``, ``get_text_features``) then meets a hooked block. Children holding only tensors that
+    are never offloaded (non-persistent buffers) are ``placed``: mapped as nvme, their buffers go to the execution
+    device as accelerate's hooks place them.
     """
-    groups = []
-    for name in entries:
-        module = model.get_submodule(name)
-        if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+    groups: list[tuple[str, torch.nn.Module]] = []
+    kept: list[str] = []
+    placed: list[str] = []
+    seen: set[int] = set()
+
+    def visit(name: str, module: torch.nn.Module, top: bool) -> None:
+        if id(module) in seen or not any(True for _ in _named_tensors(module, include_buffers=True)):
+            return
+        seen.add(id(module))
+        if not any(True for _ in _named_tensors(module, offload_buffers, persistent_only=True)):
+            placed.append(name)
+            return
+        blocks = no_split or frozenset()
+        is_block = type(module).__name__ in blocks
+        holds_block = not is_block and any(type(m).__name__ in blocks for m in module.modules())
+        has_children = any(True for _ in module.children())
+        if has_children and (not _is_called(module) or (not is_block and (top or holds_block))):
+            prefix = f"{name}." if name else ""
+            kept.extend(prefix + local for local, _ in _named_tensors(module, include_buffers=True, recurse=False))
+            for child_name, child in module.named_children():
+                visit(prefix + child_name, child, top=False)
+            return
+        if not _is_called(module):
+            prefix = f"{name}." if name else ""
+            kept.extend(prefix + local for local, _ in _named_tensors(module, include_buffers=True))
+            return
+        groups.append((name, module))
+
+    for entry in entries:
+        visit(entry, model.get_submodule(entry), top=entry == "")
+    return groups, kept, placed
+
+
+def _keep_resident(
+    model: torch.nn.Module,
+    names: list[str],
+    device: torch.device,
+    index: Mapping[str, Mapping],
+    mapped: Mapping[str, torch.Tensor],
+) -> None:
+    """Load tensors that stay resident onto ``device`` (from the checkpoint when they are still on meta)."""
+    kept_bytes = 0
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        tensor = owner._parameters.get(attr, owner._buffers.get(attr))
+        if tensor is None:
             continue
-        owns_tensors = any(True for _ in module.parameters(recurse=False)) or any(
-            True for _ in module.buffers(recurse=False)
-        )
-        splittable = no_split is not None and type(module).__name__ not in no_split and not owns_tensors
-        if _is_called(module) and not splittable:
-            groups.append((name, module))
-            continue
-        if owns_tensors:
-            raise ValueError(
-                f"nvme entry {name!r} is a {type(module).__name__}, which is never called and holds tensors of its "
-                "own; map its parent module to 'nvme' instead"
-            )
-        prefix = f"{name}." if name else ""
-        groups.extend(_expand_entries(model, [f"{prefix}{child}" for child, _ in module.named_children()], no_split))
-    return groups
+        source = _source([name], tensor, index, mapped)
+        value = source.load() if isinstance(source, CheckpointTensor) else source.to(tensor.dtype)
+        if not value.untyped_storage().resizable():
+            value = value.clone()  # owned and allocator-aligned, not a view into a mapped checkpoint
+        set_module_tensor_to_device(model, name, device, value=value)
+        kept_bytes += value.numel() * value.element_size()
+    if names:
+        logger.info("%d tensors of split nvme entries stay on %s (%d bytes)", len(names), device, kept_bytes)
+
+
+def _own_cpu_tensors(model: torch.nn.Module) -> None:
+    """Copy CPU tensors that view memory the allocator does not own (a mapped checkpoint) into owned tensors.
+
+    CPU kernels can give other bits at other alignments: a weight kept in RAM must sit where the libraries' own
+    loading would put it. Tied tensors stay tied.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for attr, tensor in store.items():
+                if tensor is None or tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
+                    continue
+                if id(tensor) not in copies:
+                    copy = tensor.detach().clone()
+                    if isinstance(tensor, torch.nn.Parameter):
+                        copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                    copies[id(tensor)] = copy
+                store[attr] = copies[id(tensor)]
 
 
 def _plan_groups(
@@ -325,18 +463,21 @@ def _plan_groups(
     offload_buffers: bool,
     main_device: Any,
     index: Mapping[str, Mapping],
+    mapped: Mapping[str, torch.Tensor],
     device_map: Mapping[str, Any],
 ) -> list[GroupPlan]:
     """Which tensors each group stores; a tensor tied to another group is stored once, by the first.
 
-    Tensors on the meta device are taken from ``index`` (accelerate's offload index: checkpoint shards).
+    Tensors on the meta device are taken from ``index`` (accelerate's offload index: checkpoint shards) or
+    ``mapped``. A tensor the device_map sends elsewhere by its own key stays out of the group.
     """
     prefixes = tuple(f"{name}." if name else "" for name, _ in groups)
-    resident = {
-        id(tensor): name
-        for name, tensor in _named_tensors(model, include_buffers=True)
-        if not name.startswith(prefixes)
-    }
+    resident = {}
+    aliases: dict[int, list[str]] = {}  # a tied tensor may sit in the checkpoint under any of its names
+    for name, tensor in _named_tensors(model, include_buffers=True):
+        aliases.setdefault(id(tensor), []).append(name)
+        if not name.startswith(prefixes):
+            resident[id(tensor)] = name
     owners: dict[int, str] = {}
     plans = []
     for name, module in groups:
@@ -345,6 +486,8 @@ def _plan_groups(
         persistent = dict(_named_tensors(module, include_buffers=offload_buffers, persistent_only=True))
         for local, tensor in persistent.items():
             full = prefix + local
+            if _device_of(full, device_map) != NVME:
+                continue
             if id(tensor) in resident:
                 owner = resident[id(tensor)]
                 if str(main_device) != "cpu" and _device_of(owner, device_map) == "cpu":
@@ -355,23 +498,30 @@ def _plan_groups(
                 continue
             canonical = owners.setdefault(id(tensor), full)
             if canonical == full:
-                plan.tensors[full] = _source(full, tensor, index)
+                plan.tensors[full] = _source([full, *aliases[id(tensor)]], tensor, index, mapped)
             plan.members[full] = canonical
         plans.append(plan)
     return plans
 
 
-def _source(name: str, tensor: torch.Tensor, index: Mapping[str, Mapping]) -> torch.Tensor | CheckpointTensor:
+def _source(
+    names: list[str], tensor: torch.Tensor, index: Mapping[str, Mapping], mapped: Mapping[str, torch.Tensor]
+) -> torch.Tensor | CheckpointTensor:
+    """Where the bytes of ``tensor`` (known by ``names``, tied ones included) come from."""
     if tensor.device.type != "meta":
         return tensor
-    entry = index.get(name)
-    if entry is None or entry.get("safetensors_file") is None:
-        found = "no entry" if entry is None else f"entry {dict(entry)}"
-        raise ValueError(
-            f"{name!r} is on the meta device and the offload index has {found}: expected a safetensors file to "
-            "read it from (checkpoints in .bin format are not supported on the nvme tier)"
-        )
-    return checkpoint_tensor(entry["safetensors_file"], entry.get("weight_name", name), tensor.dtype)
+    for name in names:
+        if name in mapped:
+            return mapped[name]
+        entry = index.get(name)
+        if entry is not None and entry.get("safetensors_file") is not None:
+            return checkpoint_tensor(entry["safetensors_file"], entry.get("weight_name", name), tensor.dtype)
+    entry = index.get(names[0])
+    found = "no entry" if entry is None else f"entry {dict(entry)}"
+    raise ValueError(
+        f"{names[0]!r} is on the meta device and the offload index has {found}: expected a safetensors file to "
+        "read it from (was the checkpoint loaded with its tied weights untied?)"
+    )
 
 
 def _merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan], list[int]]:
@@ -394,10 +544,10 @@ def _merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan],
     return merged, group_of_entry
 
 
-def _named_tensors(module: torch.nn.Module, include_buffers: bool, persistent_only: bool = False):
-    yield from module.named_parameters(remove_duplicate=False)
+def _named_tensors(module: torch.nn.Module, include_buffers: bool, persistent_only: bool = False, recurse: bool = True):
+    yield from module.named_parameters(remove_duplicate=False, recurse=recurse)
     if include_buffers:
-        for name, buffer in module.named_buffers(remove_duplicate=False):
+        for name, buffer in module.named_buffers(remove_duplicate=False, recurse=recurse):
             owner, _, attr = name.rpartition(".")
             if not persistent_only or attr not in module.get_submodule(owner)._non_persistent_buffers_set:
                 yield name, buffer

@@ -144,7 +144,7 @@ def test_missing_offload_dir_is_a_clear_error():
 
 
 def test_unknown_module_is_a_clear_error(offload_dir):
-    with pytest.raises(ValueError, match="not modules of TinyLM"):
+    with pytest.raises(ValueError, match="neither modules nor parameters/buffers of TinyLM"):
         accel_nvme.dispatch_model(tiny_lm(), {"": "cpu", "body.nope": "nvme"}, offload_dir=offload_dir)
     assert list(offload_dir.iterdir()) == []
 

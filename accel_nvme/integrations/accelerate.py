@@ -1,0 +1,122 @@
+"""accelerate: ``load_checkpoint_in_model`` and ``load_checkpoint_and_dispatch`` with ``"nvme"`` device_map values.
+
+nvme entries load as accelerate's ``"disk"`` entries do (lazily: a weight is never read into RAM), except that nothing
+is written: each offloaded weight is noted where it sits in its safetensors file, or kept memory-mapped from a
+``.bin`` file (``torch.load(mmap=True, weights_only=True)``). The notes are left on the model for the
+``dispatch_model`` that follows, which writes the group files from there, one group at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+import zipfile
+from types import ModuleType
+
+import accelerate.utils.modeling as accelerate_modeling
+import torch
+from accelerate.utils import find_tied_parameters
+
+from ..config import load_config
+from ..dispatch import NVME, PENDING_ATTR, NvmeLoading
+
+_original_load_checkpoint_in_model = accelerate_modeling.load_checkpoint_in_model
+_signature = inspect.signature(_original_load_checkpoint_in_model)
+_current = threading.local()  # .loading, .folder: the nvme load in progress; .file: the checkpoint file being read
+
+
+@functools.wraps(_original_load_checkpoint_in_model)
+def load_checkpoint_in_model(*args, **kwargs):
+    """accelerate's ``load_checkpoint_in_model``; entries mapped to ``"nvme"`` are noted for ``dispatch_model``."""
+    bound = _signature.bind(*args, **kwargs)
+    device_map = bound.arguments.get("device_map")
+    if not isinstance(device_map, dict) or NVME not in device_map.values():
+        return _original_load_checkpoint_in_model(*args, **kwargs)
+    model = bound.arguments["model"]
+    if "disk" in device_map.values():
+        raise ValueError("load_checkpoint_in_model: device_map mixes 'disk' and 'nvme' entries; map them all to 'nvme'")
+    config = load_config(offload_dir=bound.arguments.get("offload_folder"))
+    if config.offload_dir is None:
+        raise ValueError(
+            f"load_checkpoint_in_model: device_map sends {type(model).__name__} modules to 'nvme' but no "
+            "offload_folder was given: pass offload_folder=... or set ACCEL_NVME_OFFLOAD_FOLDER"
+        )
+    loading = model.__dict__.get(PENDING_ATTR) or NvmeLoading(config)
+    bound.arguments["device_map"] = {
+        name: ("disk" if device == NVME else device) for name, device in device_map.items()
+    }
+    bound.arguments["offload_folder"] = str(config.offload_dir)
+    tied = find_tied_parameters(model)
+    _current.loading, _current.folder, _current.file = loading, str(config.offload_dir), None
+    try:
+        _original_load_checkpoint_in_model(*bound.args, **bound.kwargs)
+    finally:
+        _current.loading = _current.folder = _current.file = None
+    _retie(model, tied, loading)
+    model.__dict__[PENDING_ATTR] = loading
+
+
+def _retie(model: torch.nn.Module, tied: list[list[str]], loading: NvmeLoading) -> None:
+    """Tie again what loading untied: accelerate re-ties only through a loaded (non-meta) member, and nvme
+    members stay on meta; the member the checkpoint holds is kept."""
+    for names in tied:
+        noted = [name for name in names if name in loading.index or name in loading.mapped]
+        if not noted:
+            continue
+        tensor = model.get_parameter(noted[0])
+        for name in names:
+            owner_name, _, attr = name.rpartition(".")
+            model.get_submodule(owner_name)._parameters[attr] = tensor
+
+
+def _load_state_dict(load_state_dict):
+    @functools.wraps(load_state_dict)
+    def load_and_remember(checkpoint_file, *args, **kwargs):
+        if getattr(_current, "loading", None) is None:
+            return load_state_dict(checkpoint_file, *args, **kwargs)
+        _current.file = str(checkpoint_file)
+        if not _current.file.endswith(".safetensors") and zipfile.is_zipfile(checkpoint_file):
+            return torch.load(checkpoint_file, map_location="cpu", weights_only=True, mmap=True)
+        return load_state_dict(checkpoint_file, *args, **kwargs)
+
+    return load_and_remember
+
+
+def _offload_weight(offload_weight):
+    @functools.wraps(offload_weight)
+    def note_or_offload_weight(weight, weight_name, offload_folder, index=None):
+        loading = getattr(_current, "loading", None)
+        if loading is None or os.fspath(offload_folder) != _current.folder:
+            return offload_weight(weight, weight_name, offload_folder, index=index)
+        if _current.file is not None and _current.file.endswith(".safetensors"):
+            dtype = str(weight.dtype).removeprefix("torch.")
+            loading.index[weight_name] = {"safetensors_file": _current.file, "weight_name": weight_name, "dtype": dtype}
+        else:
+            loading.mapped[weight_name] = weight
+        return {} if index is None else index
+
+    return note_or_offload_weight
+
+
+def _rebind(module: ModuleType) -> None:
+    if getattr(module, "load_checkpoint_in_model", None) is _original_load_checkpoint_in_model:
+        module.load_checkpoint_in_model = load_checkpoint_in_model
+
+
+def _patch_modeling(module: ModuleType) -> None:
+    if getattr(module.offload_weight, "_accel_nvme", False):
+        return
+    _rebind(module)
+    module.load_state_dict = _load_state_dict(module.load_state_dict)
+    module.offload_weight = _offload_weight(module.offload_weight)
+    module.offload_weight._accel_nvme = True
+
+
+PATCHES = {
+    "accelerate.utils.modeling": _patch_modeling,
+    "accelerate.utils": _rebind,
+    "accelerate.big_modeling": _rebind,
+    "accelerate": _rebind,
+}
