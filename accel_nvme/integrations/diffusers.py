@@ -1,9 +1,10 @@
 """diffusers: ``ModelMixin.from_pretrained`` and ``DiffusionPipeline.from_pretrained`` with ``offload_backend="nvme"``.
 
 For a model, diffusers would write every "disk" weight as an accelerate ``.dat`` file before dispatching; under the
-nvme tier those writes are replaced by a note of where the weight sits in its safetensors shard, and the group files
-are written from the shards. A pipeline loads its large components (denoiser, text encoders) that way and keeps
-the others (VAE, scheduler, tokenizers) as usual; ``nvme_components=[...]`` chooses the streamed ones.
+nvme tier those writes are replaced by a note of where the weight sits in its safetensors shard (or, for a ``.bin``
+checkpoint, by the weight as ``torch.load(mmap=True)`` maps it), and the group files are written from there. A
+pipeline loads its large components (denoiser, text encoders) that way and keeps the others (VAE, scheduler,
+tokenizers) as usual; ``nvme_components=[...]`` chooses the streamed ones.
 """
 
 from __future__ import annotations
@@ -89,12 +90,16 @@ def patch_weight_offload(model_loading_utils: ModuleType) -> None:
 
     @functools.wraps(offload_weight)
     def note_or_offload_weight(weight, weight_name, offload_folder, index=None):
+        loading = current_loading()
         shard = getattr(_shard, "path", None)
-        if current_loading() is None or shard is None or not str(shard).endswith(".safetensors"):
-            return offload_weight(weight, weight_name, offload_folder, index=index)
+        if loading is None or shard is None or os.fspath(offload_folder) != str(loading.config.offload_dir):
+            return offload_weight(weight, weight_name, offload_folder, index=index)  # e.g. offload_state_dict's
         index = {} if index is None else index
-        dtype = str(weight.dtype).removeprefix("torch.")
-        index[weight_name] = {"safetensors_file": str(shard), "weight_name": weight_name, "dtype": dtype}
+        if str(shard).endswith(".safetensors"):
+            dtype = str(weight.dtype).removeprefix("torch.")
+            index[weight_name] = {"safetensors_file": str(shard), "weight_name": weight_name, "dtype": dtype}
+        else:
+            loading.mapped[weight_name] = weight  # a .bin weight, memory-mapped by diffusers' torch.load(mmap=True)
         return index
 
     note_or_offload_weight._accel_nvme = True
