@@ -5,7 +5,13 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DiffusionPipeline, FluxTransformer2DModel  # noqa: E402
+from accelerate.utils import compute_module_sizes  # noqa: E402
+from diffusers import (  # noqa: E402
+    CogVideoXTransformer3DModel,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+)
 from helpers import tiny_ddpm_pipeline  # noqa: E402
 
 from accel_nvme import NvmeAlignDevicesHook  # noqa: E402
@@ -111,3 +117,144 @@ def test_pipeline_components_can_be_chosen(tmp_path, offload_dir):
         DiffusionPipeline.from_pretrained(
             tmp_path / "pipe", offload_backend="nvme", offload_folder=offload_dir, nvme_components=["vae"]
         )
+
+
+def cogvideox():
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=8,
+        num_layers=3,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=8,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=8,
+    ).eval()
+
+
+def cogvideox_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, 1, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 8, generator=g),
+        timestep=torch.tensor([3]),
+    )
+
+
+def hunyuan_video():
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    ).eval()
+
+
+def hunyuan_video_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, 4, 1, 16, 16, generator=g),
+        timestep=torch.tensor([3]),
+        encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
+        pooled_projections=torch.randn(1, 8, generator=g),
+        encoder_attention_mask=torch.ones(1, 12),
+        guidance=torch.tensor([1000.0]),
+    )
+
+
+MODELS = {
+    "flux": (flux, flux_inputs),
+    "cogvideox": (cogvideox, cogvideox_inputs),
+    "hunyuan_video": (hunyuan_video, hunyuan_video_inputs),
+}
+
+
+def sample(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs()).sample
+
+
+def assert_resident_tensors_owned(model):
+    """Weights kept in RAM are allocator-owned and 64-byte aligned, not views into the mapped checkpoint."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "cpu":
+            assert tensor.untyped_storage().resizable(), f"{name} views memory torch does not own"
+            assert tensor.data_ptr() % 64 == 0, f"{name} sits at data_ptr % 64 == {tensor.data_ptr() % 64}"
+
+
+@pytest.mark.parametrize("fraction", [0.4, 0.7])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_budgets_keep_owned_weights_in_ram_and_are_exact(tmp_path, offload_dir, name, fraction):
+    build, inputs = MODELS[name]
+    model = build()
+    model.save_pretrained(tmp_path / name)
+    expected = sample(model, inputs)
+    budget = {"cpu": int(fraction * compute_module_sizes(model)[""])}
+    baseline = type(model).from_pretrained(
+        tmp_path / name, device_map="auto", max_memory=budget, offload_folder=tmp_path / "disk"
+    )
+    assert torch.equal(sample(baseline, inputs), expected)
+    loaded = type(model).from_pretrained(
+        tmp_path / name, device_map="auto", max_memory=budget, offload_backend="nvme", offload_folder=offload_dir
+    )
+    assert nvme_hooks(loaded)
+    assert fraction < 0.5 or "cpu" in loaded.nvme_device_map.values(), "some weights stay in RAM"
+    assert_resident_tensors_owned(loaded)
+    for _ in range(2):
+        assert torch.equal(sample(loaded, inputs), expected)
+
+
+def test_offload_state_dict_true_is_accepted(tmp_path, offload_dir):
+    flux().save_pretrained(tmp_path / "flux")
+    loaded = FluxTransformer2DModel.from_pretrained(
+        tmp_path / "flux",
+        device_map="auto",
+        max_memory={"cpu": int(0.5 * compute_module_sizes(flux())[""])},
+        offload_state_dict=True,
+        offload_backend="nvme",
+        offload_folder=offload_dir,
+    )
+    assert nvme_hooks(loaded)
+    assert_resident_tensors_owned(loaded)
+    assert torch.equal(sample(loaded, flux_inputs), sample(flux(), flux_inputs))
+
+
+@pytest.mark.parametrize("device_map", ["auto", "whole"])
+def test_bin_checkpoints_become_group_files(tmp_path, offload_dir, device_map):
+    flux().save_pretrained(tmp_path / "flux", safe_serialization=False)
+    assert list((tmp_path / "flux").glob("*.bin")) and not list((tmp_path / "flux").glob("*.safetensors"))
+    kwargs = (
+        dict(device_map="auto", max_memory={"cpu": "20KB"}, offload_backend="nvme")
+        if device_map == "auto"
+        else dict(device_map={"": "nvme"})
+    )
+
+    def load():
+        return FluxTransformer2DModel.from_pretrained(tmp_path / "flux", offload_folder=offload_dir, **kwargs)
+
+    loaded = load()
+    assert len(nvme_hooks(loaded)) >= 4
+    expected = sample(flux(), flux_inputs)
+    assert torch.equal(sample(loaded, flux_inputs), expected)
+    written = {p: p.stat().st_mtime_ns for p in offload_dir.rglob("*") if p.is_file()}
+    assert any(p.name.startswith("group-") for p in written)
+    assert not [p for p in written if p.suffix == ".dat" or p.name == "index.json"]
+    again = load()
+    assert {p: p.stat().st_mtime_ns for p in offload_dir.rglob("*") if p.is_file()} == written, "reused"
+    assert torch.equal(sample(again, flux_inputs), expected)
