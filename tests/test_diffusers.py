@@ -11,9 +11,11 @@ from diffusers import (  # noqa: E402
     DiffusionPipeline,
     FluxTransformer2DModel,
     HunyuanVideoTransformer3DModel,
+    WanTransformer3DModel,
 )
 from helpers import tiny_ddpm_pipeline  # noqa: E402
 
+import accel_nvme  # noqa: E402
 from accel_nvme import NvmeAlignDevicesHook  # noqa: E402
 from accel_nvme.store import FOLDER_PREFIX  # noqa: E402
 
@@ -178,8 +180,40 @@ def hunyuan_video_inputs():
     )
 
 
+def wan():
+    """Wan's root owns ``scale_shift_table``, which infer_auto_device_map maps by its own key."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    with torch.no_grad():
+        model.scale_shift_table.normal_()
+    return model
+
+
+def wan_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, 4, 2, 16, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
+        timestep=torch.tensor([3]),
+    )
+
+
 MODELS = {
     "flux": (flux, flux_inputs),
+    "wan": (wan, wan_inputs),
     "cogvideox": (cogvideox, cogvideox_inputs),
     "hunyuan_video": (hunyuan_video, hunyuan_video_inputs),
 }
@@ -258,3 +292,35 @@ def test_bin_checkpoints_become_group_files(tmp_path, offload_dir, device_map):
     again = load()
     assert {p: p.stat().st_mtime_ns for p in offload_dir.rglob("*") if p.is_file()} == written, "reused"
     assert torch.equal(sample(again, flux_inputs), expected)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_whole_model_map_streams_block_by_block(tmp_path, offload_dir, name):
+    build, inputs = MODELS[name]
+    model = build()
+    model.save_pretrained(tmp_path / name)
+    loaded = type(model).from_pretrained(tmp_path / name, device_map={"": "nvme"}, offload_folder=offload_dir)
+    no_split = set(model._no_split_modules)
+    streamed = [m for m in loaded.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+    assert accel_nvme.stats(loaded).groups == len(streamed) > 3
+    for module in streamed:
+        assert module is not loaded
+        assert type(module).__name__ in no_split or not any(type(m).__name__ in no_split for m in module.modules())
+    sizes = [s.nbytes for s in streamed[0]._hf_hook.prefetcher.sources]
+    assert max(sizes) < sum(sizes) / 3, "no group holds the model"
+    assert_resident_tensors_owned(loaded)
+    assert torch.equal(sample(loaded, inputs), sample(model, inputs))
+
+
+def test_wan_root_tensor_key_at_a_60kb_budget(tmp_path, offload_dir):
+    wan().save_pretrained(tmp_path / "wan")
+    loaded = WanTransformer3DModel.from_pretrained(
+        tmp_path / "wan",
+        device_map="auto",
+        max_memory={"cpu": "60KB"},
+        offload_backend="nvme",
+        offload_folder=offload_dir,
+    )
+    assert "scale_shift_table" in loaded.hf_device_map
+    assert nvme_hooks(loaded)
+    assert torch.equal(sample(loaded, wan_inputs), sample(wan(), wan_inputs))
