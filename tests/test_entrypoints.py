@@ -297,5 +297,15 @@ def test_save_pretrained_of_a_split_model_round_trips(saved, offload_dir, tmp_pa
     assert all(torch.equal(original[k], resaved[k]) for k in original)
 
 
-def test_llama_class_is_what_the_fixture_saved(saved):
-    assert saved["llama"][1] is LlamaForCausalLM
+@pytest.mark.parametrize("device_map", ["auto", "whole"])
+def test_from_pretrained_of_a_bin_checkpoint(saved, offload_dir, tmp_path, device_map):
+    path = save_as(tiny_llama(), tmp_path / "bin", "bin")
+    kwargs = (
+        dict(device_map="auto", max_memory={"cpu": "100KB"}, offload_backend="nvme")
+        if device_map == "auto"
+        else dict(device_map={"": "nvme"})
+    )
+    model = LlamaForCausalLM.from_pretrained(path, offload_folder=offload_dir, **kwargs)
+    assert nvme_hooks(model)
+    assert torch.equal(run(model), saved["llama"][2])
+    assert not [p for p in offload_dir.rglob("*") if p.suffix == ".dat"]
