@@ -81,14 +81,15 @@ def clip():
     return model
 
 
-def run(model):
+def run(model, device="cpu"):
     """One output per model family that depends on every weight, the directly owned tensors included."""
+    ids, pixels = IDS.to(device), PIXELS.to(device)
     with torch.inference_mode():
         if isinstance(model, CLIPModel):
-            return model(input_ids=IDS, pixel_values=PIXELS).logits_per_image
+            return model(input_ids=ids, pixel_values=pixels).logits_per_image
         if isinstance(model, (BartForConditionalGeneration, T5ForConditionalGeneration)):
-            return model(input_ids=IDS, decoder_input_ids=IDS).logits
-        return model(IDS).logits
+            return model(input_ids=ids, decoder_input_ids=ids).logits
+        return model(ids).logits
 
 
 BUILDERS = {"bart": bart, "clip": clip, "t5": t5, "llama": tiny_llama}
@@ -309,3 +310,18 @@ def test_from_pretrained_of_a_bin_checkpoint(saved, offload_dir, tmp_path, devic
     assert nvme_hooks(model)
     assert torch.equal(run(model), saved["llama"][2])
     assert not [p for p in offload_dir.rglob("*") if p.suffix == ".dat"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["bart", "clip"])
+def test_split_root_tensors_and_tensor_keys_live_on_the_gpu(offload_dir, name):
+    """On CUDA, the resident tensors of a split root (and nvme tensor keys) sit on the execution device."""
+    reference = BUILDERS[name]().to("cuda")
+    tensor_key = {"bart": "final_logits_bias", "clip": "logit_scale"}[name]
+    for device_map in ({"": "nvme"}, {**as_nvme(auto_map(BUILDERS[name](), 0.5)), tensor_key: "nvme"}):
+        device_map = {k: (0 if v == "cpu" else v) for k, v in device_map.items()}
+        model = accel_nvme.dispatch_model(BUILDERS[name](), device_map, main_device=0, offload_dir=offload_dir)
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        assert tensors[tensor_key].device.type == "cuda"
+        assert torch.equal(run(model, "cuda"), run(reference, "cuda"))
