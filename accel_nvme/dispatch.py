@@ -135,12 +135,12 @@ def _dispatch_nvme(
 ) -> torch.nn.Module:
     """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
     offload_buffers, skip_keys = accelerate_kwargs["offload_buffers"], accelerate_kwargs["skip_keys"]
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     module_entries = [name for name, device in device_map.items() if device == NVME and name in modules]
     tensor_entries = [name for name, device in device_map.items() if device == NVME and name not in modules]
     entries, kept, placed = _expand_entries(model, module_entries, _no_split_classes(model), offload_buffers)
     kept += tensor_entries
-    entry_plans = _plan_groups(model, entries, offload_buffers, main_device, index, mapped, device_map)
+    entry_plans = _plan_groups(model, entries, placed, offload_buffers, main_device, index, mapped, device_map)
     plans, group_of_entry = _merge_groups(entry_plans, config.group_bytes)
     manifest = materialize(config.offload_dir, plans, config.io_threads)
     execution_device = _execution_device(main_device)
@@ -153,6 +153,8 @@ def _dispatch_nvme(
         _leave_meta_tensors(model, plans)
         _own_cpu_tensors(model)
         _keep_resident(model, kept, execution_device, index, mapped)
+        # a tensor key sent elsewhere inside an nvme module: accelerate's hook on that module leaves it on meta
+        own_keys = {name: _module_tensor(model, name) for name in device_map if name not in modules}
         accelerate_map = {name: device for name, device in device_map.items() if device != NVME}
         accelerate_map.update(dict.fromkeys([*(name for name, _ in entries), *placed], "disk"))
         accelerate_map.update(dict.fromkeys(kept, main_device))
@@ -179,6 +181,9 @@ def _dispatch_nvme(
                 skip_keys=skip_keys,
             )
             attach_nvme_hook(module, hook)
+        for owner, attr, tensor in own_keys.values():
+            if tensor is not None and tensor.device.type != "meta":
+                (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = tensor
     except BaseException:
         if prefetcher is not None:
             prefetcher.close()  # stop the reader threads and unpin the staging buffers
@@ -261,7 +266,7 @@ def _all_or_nothing(model: torch.nn.Module) -> Iterator[None]:
 
 def _check_device_map(model: torch.nn.Module, device_map: Mapping[str, Any]) -> None:
     """Keys name modules or, as ``infer_auto_device_map`` emits for modules it splits, parameters and buffers."""
-    names = {name for name, _ in model.named_modules()}
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
     names.update(name for name, _ in _named_tensors(model, include_buffers=True))
     unknown = [name for name in device_map if name not in names]
     if unknown:
@@ -373,43 +378,67 @@ def _expand_entries(
 
     A module is split into its children when it is never called (ModuleList, ModuleDict), when it holds a block
     (a class of ``no_split``, the model's ``_no_split_modules``), or, for a model naming none, when it is the root
-    entry ``""``. The tensors a split module holds directly (``logit_scale``, ``scale_shift_table``) are ``kept``
-    resident on the execution device: they are small, and every method reaching a submodule directly (``generate``
-    through ``get_encoder()``, ``get_text_features``) then meets a hooked block. Children holding only tensors that
-    are never offloaded (non-persistent buffers) are ``placed``: mapped as nvme, their buffers go to the execution
-    device as accelerate's hooks place them.
+    entry ``""`` or holds more than half of the model (a wrapper around it). The tensors a split module holds
+    directly (``logit_scale``, ``scale_shift_table``) are ``kept`` resident on the execution device: they are small,
+    and every method reaching a submodule directly (``generate`` through ``get_encoder()``, ``get_text_features``)
+    then meets a hooked block. Children holding only tensors that
+    are never offloaded (non-persistent buffers), and further names of a grouped module, are ``placed``: mapped as
+    nvme for accelerate, which places their buffers on the execution device.
     """
     groups: list[tuple[str, torch.nn.Module]] = []
     kept: list[str] = []
     placed: list[str] = []
-    seen: set[int] = set()
+    split: dict[int, bool] = {}  # modules seen, and whether they were split; a module may sit under several names
 
     def visit(name: str, module: torch.nn.Module, top: bool) -> None:
-        if id(module) in seen or not any(True for _ in _named_tensors(module, include_buffers=True)):
+        if not any(True for _ in _named_tensors(module, include_buffers=True)):
             return
-        seen.add(id(module))
+        if id(module) in split and not split[id(module)]:
+            placed.append(name)  # another name of a grouped module: its hook is the group's
+            return
         if not any(True for _ in _named_tensors(module, offload_buffers, persistent_only=True)):
+            split[id(module)] = False
             placed.append(name)
             return
         blocks = no_split or frozenset()
         is_block = type(module).__name__ in blocks
         holds_block = not is_block and any(type(m).__name__ in blocks for m in module.modules())
         has_children = any(True for _ in module.children())
-        if has_children and (not _is_called(module) or (not is_block and (top or holds_block))):
+        large = no_split is None and _nbytes(module) > half_model
+        split[id(module)] = id(module) in split or (
+            has_children and (not _is_called(module) or (not is_block and (top or holds_block or large)))
+        )
+        if split[id(module)]:
             prefix = f"{name}." if name else ""
             kept.extend(prefix + local for local, _ in _named_tensors(module, include_buffers=True, recurse=False))
-            for child_name, child in module.named_children():
-                visit(prefix + child_name, child, top=False)
+            for child_name, child in module._modules.items():  # named_children() hides a module's second name
+                if child is not None:
+                    visit(prefix + child_name, child, top=False)
             return
         if not _is_called(module):
             prefix = f"{name}." if name else ""
             kept.extend(prefix + local for local, _ in _named_tensors(module, include_buffers=True))
             return
         groups.append((name, module))
+        split.update((id(m), False) for m in module.modules())  # reached again under another name: same group
 
+    half_model = _nbytes(model) / 2
     for entry in entries:
         visit(entry, model.get_submodule(entry), top=entry == "")
     return groups, kept, placed
+
+
+def _module_tensor(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, torch.Tensor | None]:
+    """The module owning tensor ``name``, its attribute name, and the tensor there now."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner, attr, owner._parameters[attr] if attr in owner._parameters else owner._buffers.get(attr)
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``module``, each tensor counted once."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _keep_resident(
@@ -422,9 +451,7 @@ def _keep_resident(
     """Load tensors that stay resident onto ``device`` (from the checkpoint when they are still on meta)."""
     kept_bytes = 0
     for name in names:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        tensor = owner._parameters.get(attr, owner._buffers.get(attr))
+        tensor = _module_tensor(model, name)[2]
         if tensor is None:
             continue
         source = _source([name], tensor, index, mapped)
@@ -460,6 +487,7 @@ def _own_cpu_tensors(model: torch.nn.Module) -> None:
 def _plan_groups(
     model: torch.nn.Module,
     groups: list[tuple[str, torch.nn.Module]],
+    placed: list[str],
     offload_buffers: bool,
     main_device: Any,
     index: Mapping[str, Mapping],
@@ -469,9 +497,10 @@ def _plan_groups(
     """Which tensors each group stores; a tensor tied to another group is stored once, by the first.
 
     Tensors on the meta device are taken from ``index`` (accelerate's offload index: checkpoint shards) or
-    ``mapped``. A tensor the device_map sends elsewhere by its own key stays out of the group.
+    ``mapped``. A tensor the device_map sends elsewhere by its own key stays out of the group. Tensors under
+    ``placed`` modules (no offloaded tensors, or a grouped module's other name) are not resident ones.
     """
-    prefixes = tuple(f"{name}." if name else "" for name, _ in groups)
+    prefixes = tuple(f"{name}." if name else "" for name in [*(name for name, _ in groups), *placed])
     resident = {}
     aliases: dict[int, list[str]] = {}  # a tied tensor may sit in the checkpoint under any of its names
     for name, tensor in _named_tensors(model, include_buffers=True):

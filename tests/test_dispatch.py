@@ -238,3 +238,55 @@ def test_group_bytes_merges_consecutive_entries_and_reads_each_group_once(offloa
             before = prefetcher.stats.groups_read
             assert torch.equal(model(IDS), expected)
             assert prefetcher.stats.groups_read - before <= 2
+
+
+class RootOwned(torch.nn.Module):
+    """A TinyLM whose root owns a parameter and a buffer beside its children, and names one module twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny_lm()
+        self.gain = torch.nn.Parameter(torch.rand(97) + 0.5)
+        self.register_buffer("offset", torch.rand(97))
+        self.alias = self.lm.body.final  # one module under two names, as tied embeddings are
+
+    def forward(self, ids):
+        return self.lm(ids) * self.gain + self.offset
+
+
+def root_owned():
+    torch.manual_seed(3)
+    return RootOwned().eval()
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        {"": "nvme"},
+        {"lm": "nvme", "gain": "nvme", "offset": "cpu", "alias": "nvme"},
+        {"lm": "nvme", "gain": "cpu", "offset": "cpu", "alias": "nvme"},
+    ],
+)
+def test_root_tensors_stay_resident_and_the_model_is_split(offload_dir, device_map):
+    expected = reference(root_owned(), IDS)
+    model = accel_nvme.dispatch_model(root_owned(), device_map, offload_dir=offload_dir)
+    assert model.gain.device.type == "cpu" and model.offset.device.type == "cpu"
+    assert [h.group_name for h in nvme_hooks(model)] == [
+        "lm.embed",
+        *(f"lm.body.layers.{i}" for i in range(4)),
+        "lm.body.final",
+        "lm.head",
+    ]
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(model(IDS), expected)
+
+
+def test_a_tensor_key_inside_an_nvme_block_keeps_its_own_device(offload_dir):
+    expected = reference(tiny_lm(), IDS)
+    device_map = {"": "nvme", "body.layers.1.scale": "cpu", "body.layers.2.mlp.0.weight": "cpu"}
+    model = accel_nvme.dispatch_model(tiny_lm(), device_map, offload_dir=offload_dir, offload_buffers=True)
+    assert model.body.layers[2].mlp[0].weight.device.type == "cpu"
+    assert model.body.layers[1].scale.device.type == "cpu" and model.body.layers[0].scale.device.type == "meta"
+    with torch.inference_mode():
+        assert torch.equal(model(IDS), expected)
