@@ -40,9 +40,9 @@ _accelerate_dispatch_model = accelerate.big_modeling.dispatch_model
 class NvmeLoading:
     """What a ``from_pretrained(..., offload_backend="nvme")`` call tells the ``dispatch_model`` it ends with.
 
-    Its nvme entries are split down to the model's ``_no_split_modules``, so a group is one block, not a whole
-    encoder. ``index`` collects where offloaded weights sit in the checkpoint, for loaders that do not pass an
-    ``offload_index``; ``mapped`` holds offloaded weights of ``.bin`` checkpoints, memory-mapped by ``torch.load``.
+    Within it, ``"disk"`` entries are streamed as ``"nvme"`` ones. ``index`` collects where offloaded weights sit in
+    the checkpoint, for loaders that do not pass an ``offload_index``; ``mapped`` holds offloaded weights of ``.bin``
+    checkpoints, memory-mapped by ``torch.load``.
     """
 
     config: NvmeConfig
@@ -381,9 +381,9 @@ def _expand_entries(
     entry ``""`` or holds more than half of the model (a wrapper around it). The tensors a split module holds
     directly (``logit_scale``, ``scale_shift_table``) are ``kept`` resident on the execution device: they are small,
     and every method reaching a submodule directly (``generate`` through ``get_encoder()``, ``get_text_features``)
-    then meets a hooked block. Children holding only tensors that
-    are never offloaded (non-persistent buffers), and further names of a grouped module, are ``placed``: mapped as
-    nvme for accelerate, which places their buffers on the execution device.
+    then meets a hooked block. Children holding only tensors that are never offloaded (non-persistent buffers), and
+    further names of a grouped module, are ``placed``: mapped as nvme for accelerate, which places their buffers on
+    the execution device.
     """
     groups: list[tuple[str, torch.nn.Module]] = []
     kept: list[str] = []
