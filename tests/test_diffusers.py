@@ -324,3 +324,70 @@ def test_wan_root_tensor_key_at_a_60kb_budget(tmp_path, offload_dir):
     assert "scale_shift_table" in loaded.hf_device_map
     assert nvme_hooks(loaded)
     assert torch.equal(sample(loaded, wan_inputs), sample(wan(), wan_inputs))
+
+
+def tiny_stable_diffusion():
+    """A StableDiffusionPipeline of tiny random components; the tokenizer is byte-level CLIP BPE without merges."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {
+        token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])
+    }
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=1,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+    )
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_encode_prompt_reaches_the_streamed_text_encoder_blocks(tmp_path, offload_dir):
+    pipe = tiny_stable_diffusion()
+    pipe.save_pretrained(tmp_path / "sd")
+
+    def encode(p):
+        with torch.inference_mode():
+            return p.encode_prompt("a cat", "cpu", 1, True, negative_prompt="a dog")
+
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "sd", offload_backend="nvme", offload_folder=offload_dir)
+    assert accel_nvme.stats(loaded.text_encoder).groups > 2, "the text encoder streams block by block"
+    assert accel_nvme.stats(loaded.unet).groups > 4
+    for got, expected in zip(encode(loaded), encode(pipe), strict=True):
+        assert torch.equal(got, expected)
