@@ -63,8 +63,8 @@ def _retie(model: torch.nn.Module, tied: list[list[str]], loading: NvmeLoading) 
     members stay on meta; the member the checkpoint holds is kept."""
     for names in tied:
         noted = [name for name in names if name in loading.index or name in loading.mapped]
-        if not noted:
-            continue
+        if not noted or any(model.get_parameter(name).device.type != "meta" for name in names):
+            continue  # nothing of ours, or accelerate tied them through a loaded member
         tensor = model.get_parameter(noted[0])
         for name in names:
             owner_name, _, attr = name.rpartition(".")
