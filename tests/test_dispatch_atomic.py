@@ -1,6 +1,7 @@
 """Dispatch is all-or-nothing: an exception at any point of ours or accelerate's, or a KeyboardInterrupt at a random
 moment, leaves the model exactly as it was (same tensors, no hooks, same forward) and a later dispatch works."""
 
+import gc
 import random
 import sys
 import threading
@@ -178,8 +179,9 @@ def test_ctrl_c_at_30_random_moments_of_dispatch_leaves_the_model_as_it_was(offl
     )
     model = tiny_llama()
     before = snapshot(model)
-    moments = sorted(random.Random(f"ctrl-c-{shape}").sample(range(1, total - 50), 30))
+    moments = sorted(random.Random(f"ctrl-c-{shape}").sample(range(1, int(total * 0.95)), 30))
     for moment in moments:
+        gc.collect()  # readers of earlier models close their files when collected: not inside the traced dispatch
         fired = interrupt_at(moment, lambda: accel_nvme.dispatch_model(model, MAPS[shape], offload_dir=offload_dir))
         assert fired, f"dispatch finished before line event {moment} of {total}"
         assert_unchanged(model, before, expected)
