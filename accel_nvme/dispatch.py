@@ -25,6 +25,7 @@ from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
+from .placement import compute_device
 from .prefetch import ForwardStats, GroupSource, Prefetcher, TensorView, spread_resident
 from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
@@ -112,7 +113,7 @@ def dispatch_model(
             "was given: pass offload_dir=... or NvmeConfig(offload_dir=...)"
         )
     _check_device_map(model, device_map)
-    main_device = _main_device(device_map, main_device)
+    main_device = _main_device(device_map, main_device if main_device is not None else compute_device())
     entries = _expand_entries(model, nvme_entries, _no_split_classes(model) if loading else None)
     index = dict(offload_index or (loading and loading.index) or {})
     entry_plans = _plan_groups(model, entries, offload_buffers, main_device, index, device_map)
