@@ -204,7 +204,8 @@ def estimate_memory(
     """Weights a placement keeps in memory: whole components, resident groups, and the streaming buffers.
 
     Each streamed component has ``prefetch_depth + 1`` pinned staging buffers of its largest group in RAM and, on
-    CUDA, up to as many device copies in flight. Activations, the CUDA context and the allocator's cache come on top.
+    CUDA, up to as many device copies in flight (none when all of it is resident on the device). Activations, the
+    CUDA context and the allocator's cache come on top.
     """
     device_bytes = host_bytes = 0
     for p in placements:
@@ -219,5 +220,5 @@ def estimate_memory(
         on_device = min(p.device_resident or 0, p.nbytes) if cuda else 0
         host_bytes += buffers + min(p.host_resident or 0, p.nbytes - on_device)
         if cuda:
-            device_bytes += buffers + on_device
+            device_bytes += on_device + (buffers if on_device < p.nbytes else 0)
     return MemoryEstimate(device_bytes, host_bytes)
