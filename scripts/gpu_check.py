@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -238,10 +239,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The GPU check of accel_nvme: CUDA tests, bench, stream ordering.")
     p.add_argument("--dry-run", action="store_true", help="everything on the CPU at a tiny size")
     p.add_argument("--device", default="cuda:0", help="the CUDA device (default cuda:0)")
-    p.add_argument("--blocks", type=int, default=24, help="bench blocks (default 24: 8.2 GB of bf16 weights)")
+    p.add_argument("--blocks", type=int, default=16, help="bench blocks (default 16: 5.4 GB of bf16 weights)")
     p.add_argument("--hidden", type=int, default=3072, help="bench hidden size (default 3072, as Flux)")
     p.add_argument("--tokens", type=int, default=4096, help="bench tokens per step (default 4096: 1024x1024)")
-    p.add_argument("--steps", type=int, default=5, help="timed bench steps per mode (default 5)")
+    p.add_argument("--steps", type=int, default=3, help="timed bench steps per mode (default 3)")
     p.add_argument(
         "--prefetch-depth", type=int, default=1, help="nvme read-ahead (default 1: the VRAM of diffusers' stream)"
     )
@@ -268,8 +269,11 @@ def _settings(args: argparse.Namespace, folder: Path, size: dict[str, int]) -> g
     )
 
 
-def check(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """Every step; a step that raises is reported in its row, never hides the others."""
+def check(args: argparse.Namespace, folder: Path, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every step; a step that raises is reported in its row, never hides the others.
+
+    ``save`` gets the report after each step, so a run stopped by its time limit still leaves what it measured.
+    """
     size = (
         gpu_bench.DRY_RUN_SIZE
         if args.dry_run
@@ -284,9 +288,12 @@ def check(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     }
     if not args.skip_tests:
         gpu_bench.progress("pytest -m cuda tests")
-        report["cuda_tests"] = run_cuda_tests()
+        report["cuda_tests"] = tests = run_cuda_tests()
+        gpu_bench.progress(f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed")
+        save(report)
     gpu_bench.progress("bench")
     report["bench"] = gpu_bench.run(settings)
+    save(report)
     gpu_bench.release_memory(settings.device)
     gpu_bench.progress("ordering check: slow reads, queued compute")
     ordering_size = DRY_ORDERING_SIZE if args.dry_run else ORDERING_SIZE
@@ -296,7 +303,15 @@ def check(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         report["ordering"] = ordering_check(ordering_settings, args.read_delay)
     except Exception as e:  # reported as a FAIL row
         report["ordering"] = {"error": f"{type(e).__name__}: {e}"}
+    save(report)
     return report
+
+
+def save_report(path: Path | None, report: dict[str, Any]) -> None:
+    """Write the report as JSON (nothing without a path)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,14 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix=".gpu-check-", dir=Path.cwd())) if temporary else args.offload_folder
     (folder / "bench").mkdir(parents=True, exist_ok=True)
     try:
-        report = check(args, folder)
+        report = check(args, folder, functools.partial(save_report, args.json))
     finally:
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
     print(format_table(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 1 if any(r.verdict == "FAIL" for r in rows(report)) else 0
 
 
