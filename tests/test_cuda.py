@@ -140,15 +140,17 @@ def test_pipeline_computes_every_component_on_the_gpu(dit, offload_dir, determin
     assert np.array_equal(run_dit(pipe), expected_dit())
 
 
-def test_pipeline_gpu_budget_keeps_the_denoiser_resident_first(dit, offload_dir, deterministic):
+@pytest.mark.parametrize("budget_kwarg", ["max_memory", "nvme_device_resident_budget"])
+def test_pipeline_gpu_budget_keeps_the_denoiser_resident_first(dit, offload_dir, deterministic, budget_kwarg):
     from diffusers import DiffusionPipeline
 
     built = tiny_dit_pipeline()
     sizes = {name: sum(t.nbytes for t in getattr(built, name).state_dict().values()) for name in ("transformer", "vae")}
+    budget = sizes["transformer"] + sizes["vae"] // 2
     pipe = DiffusionPipeline.from_pretrained(
         dit,
         device_map="cuda",
-        max_memory={0: sizes["transformer"] + sizes["vae"] // 2},
+        **({budget_kwarg: {0: budget}} if budget_kwarg == "max_memory" else {budget_kwarg: budget}),
         nvme_components=["transformer", "vae"],
         offload_backend="nvme",
         offload_folder=offload_dir,
@@ -188,7 +190,7 @@ def test_auto_device_map_fills_the_gpu_then_the_cpu_then_streams_on_the_first_gp
     loaded = AutoModelForCausalLM.from_pretrained(
         tmp_path / "llama",
         device_map="auto",
-        max_memory={0: 2 * layer, "cpu": 2 * layer},
+        max_memory={0: 3 * layer, "cpu": 2 * layer},
         offload_backend="nvme",
         offload_folder=offload_dir,
     )

@@ -238,7 +238,8 @@ def test_pipeline_without_device_map_uses_cuda_only_when_there_is_one(dit, offlo
         assert np.array_equal(run_dit(pipe), expected)
 
 
-def test_pipeline_host_budget_is_shared_denoiser_first(dit, offload_dir):
+@pytest.mark.parametrize("budget_kwarg", ["max_memory", "nvme_resident_budget"])
+def test_pipeline_host_budget_is_shared_denoiser_first(dit, offload_dir, budget_kwarg):
     from diffusers import DiffusionPipeline
 
     path, expected = dit
@@ -248,7 +249,7 @@ def test_pipeline_host_budget_is_shared_denoiser_first(dit, offload_dir):
     pipe = DiffusionPipeline.from_pretrained(
         path,
         device_map="cpu",
-        max_memory={"cpu": budget},
+        **({"max_memory": {"cpu": budget}} if budget_kwarg == "max_memory" else {budget_kwarg: budget}),
         nvme_components=["transformer", "vae"],
         offload_backend="nvme",
         offload_folder=offload_dir,
