@@ -21,11 +21,11 @@ import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
 
+from . import placement
 from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
-from .placement import compute_device
 from .prefetch import ForwardStats, GroupSource, Prefetcher, TensorView, spread_resident
 from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
@@ -113,7 +113,7 @@ def dispatch_model(
             "was given: pass offload_dir=... or NvmeConfig(offload_dir=...)"
         )
     _check_device_map(model, device_map)
-    main_device = _main_device(device_map, main_device if main_device is not None else compute_device())
+    main_device = _main_device(device_map, main_device)
     entries = _expand_entries(model, nvme_entries, _no_split_classes(model) if loading else None)
     index = dict(offload_index or (loading and loading.index) or {})
     entry_plans = _plan_groups(model, entries, offload_buffers, main_device, index, device_map)
@@ -274,7 +274,7 @@ def _main_device(device_map: Mapping[str, Any], main_device: Any) -> Any:
     if main_device is not None:
         return main_device
     resident = [device for device in device_map.values() if device not in ("cpu", "disk", NVME)]
-    return resident[0] if resident else "cpu"
+    return resident[0] if resident else (placement.compute_device() or "cpu")  # a pipeline's device, if any
 
 
 def _is_called(module: torch.nn.Module) -> bool:

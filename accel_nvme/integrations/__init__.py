@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from .. import dispatch
-from . import diffusers, pipelines, transformers
+from . import diffusers, transformers
 
 DISPATCH_MODEL_BOUND_IN = (
     "accelerate",
@@ -33,7 +33,7 @@ def _patch_dispatch_model(module: ModuleType) -> None:
 PATCHES: dict[str, list[Callable[[ModuleType], None]]] = {
     name: [_patch_dispatch_model] for name in DISPATCH_MODEL_BOUND_IN
 }
-for _name, _patch in (*transformers.PATCHES.items(), *diffusers.PATCHES.items(), *pipelines.PATCHES.items()):
+for _name, _patch in (*transformers.PATCHES.items(), *diffusers.PATCHES.items()):
     PATCHES.setdefault(_name, []).append(_patch)
 
 

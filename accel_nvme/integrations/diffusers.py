@@ -2,7 +2,8 @@
 
 For a model, diffusers would write every "disk" weight as an accelerate ``.dat`` file before dispatching; under the
 nvme tier those writes are replaced by a note of where the weight sits in its safetensors shard, and the group files
-are written from the shards. Pipelines (which components stream, on which device) are in ``pipelines.py``.
+are written from the shards. A pipeline loads its large components (denoiser, text encoders) that way and keeps
+the others (VAE, scheduler, tokenizers) as usual; ``nvme_components=[...]`` chooses the streamed ones.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import ModuleType
 
 from ..dispatch import current_loading
 from .kwargs import wrap_from_pretrained
+from .pipelines import patch_pipeline_loading
 
 _shard = threading.local()
 
@@ -97,4 +99,5 @@ def patch_weight_offload(model_loading_utils: ModuleType) -> None:
 PATCHES = {
     "diffusers.models.modeling_utils": patch_model_loading,
     "diffusers.models.model_loading_utils": patch_weight_offload,
+    "diffusers.pipelines.pipeline_utils": patch_pipeline_loading,
 }

@@ -276,6 +276,3 @@ def _to_with_streamed_components(to):
 
     to_device._accel_nvme = True
     return to_device
-
-
-PATCHES = {"diffusers.pipelines.pipeline_utils": patch_pipeline_loading}
