@@ -8,8 +8,9 @@ is how the tests check this script. What it does, in order:
 2. ``examples/gpu_bench.py``'s ``run``: a Flux-like bf16 stack (every block streamed through the side stream) against
    no offload and diffusers' ``enable_group_offload(..., use_stream=True)`` from pinned RAM, outputs compared with
    ``torch.equal``; the host-to-device rate of accel_nvme's staging buffers against a plain pinned copy;
-3. the ordering check: the same stack streamed with every read delayed (``--read-delay``) and, on CUDA, every block's
-   compute queued behind a spin kernel (``torch.cuda._sleep``) so the CPU runs ahead of the GPU while buffers are
+3. the ordering check: the same stack, every other block resident in RAM and the others streamed, with every read
+   delayed (``--read-delay``) and, on CUDA, every copy on the side stream and every block's compute queued behind a
+   spin kernel (``torch.cuda._sleep``), so copies finish late and the CPU runs ahead of the GPU while buffers are
    reused: outputs must stay ``torch.equal`` to no offload, which fails if compute ever reads a group before its
    copy (event) is done or device memory is reused while queued kernels still read it (``record_stream``).
 
@@ -108,8 +109,28 @@ def slow_compute(model: torch.nn.Module, cycles: int) -> list[Any]:
     return [block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(cycles)) for block in model.blocks]
 
 
+def slow_side_stream(prefetcher: Any, cycles: int) -> None:
+    """Queue a spinning kernel on the side stream before each host-to-device copy, so copies finish late.
+
+    Copies of host-resident groups are ordered for compute by their event alone (no CPU wait): reading one early
+    would read uninitialised device memory.
+    """
+    for name in ("_resident_views", "_copy_to_device"):
+        method = getattr(prefetcher, name)
+
+        def delayed(slot, method=method):
+            with torch.cuda.device(prefetcher.device), torch.cuda.stream(prefetcher._side_stream):
+                torch.cuda._sleep(cycles)
+            return method(slot)
+
+        setattr(prefetcher, name, delayed)
+
+
 def ordering_check(settings: gpu_bench.Settings, read_delay: float, spin_cycles: int = SPIN_CYCLES) -> dict[str, Any]:
-    """Stream the stack with delayed reads (and, on CUDA, delayed compute): are the outputs still exact?"""
+    """Stream the stack with delayed reads (and, on CUDA, delayed copies and compute): are the outputs still exact?
+
+    Every other block stays resident in RAM (copied to the device at each use), the others are streamed.
+    """
     inputs = gpu_bench.make_inputs(settings)
     reference = gpu_bench.mode_no_offload(replace(settings, steps=1), inputs)["output"]
     gpu_bench.release_memory(settings.device)
@@ -120,11 +141,18 @@ def ordering_check(settings: gpu_bench.Settings, read_delay: float, spin_cycles:
         gpu_bench.nvme_device_map(model, main),
         offload_dir=str(settings.offload_folder),
         main_device=main,
-        config=accel_nvme.NvmeConfig(prefetch_depth=settings.prefetch_depth),
+        config=accel_nvme.NvmeConfig(
+            prefetch_depth=settings.prefetch_depth,
+            resident_budget=settings.blocks // 2 * gpu_bench.block_nbytes(model) + settings.blocks * 4096,
+        ),
     )
     prefetcher = gpu_bench._prefetcher(model)
     slow_reads(prefetcher.reader, read_delay)
-    handles = slow_compute(model, spin_cycles) if settings.cuda else []
+    handles = []
+    if settings.cuda:
+        slow_side_stream(prefetcher, spin_cycles)
+        handles = slow_compute(model, spin_cycles)
+    resident = len(prefetcher.resident)
     outputs = []
     try:
         with torch.inference_mode():
@@ -143,6 +171,7 @@ def ordering_check(settings: gpu_bench.Settings, read_delay: float, spin_cycles:
         "read_delay_s": read_delay,
         "spin_cycles": spin_cycles if settings.cuda else 0,
         "groups_read": total.groups_read,
+        "host_resident_groups": resident,
         "stall_s": total.stall_seconds,
         "cuda_launch_blocking": os.environ.get("CUDA_LAUNCH_BLOCKING", "0"),
     }
@@ -195,8 +224,11 @@ def rows(report: dict[str, Any]) -> list[Row]:
         what = f"{ordering['forwards']} forwards, reads +{ordering['read_delay_s'] * 1e3:.0f} ms"
         if ordering["spin_cycles"]:
             what += f", {ordering['spin_cycles']:.0e} spin cycles per block"
+        what += f", {ordering['host_resident_groups']} groups resident in RAM"
         what += f", compute waited {ordering['stall_s']:.2f} s"
-        passed = ordering["exact"] and ordering["stall_s"] > 0  # the delay must have made compute wait
+        # the delay must have made compute wait, and both paths (streamed, resident) must have run
+        passed = ordering["exact"] and ordering["stall_s"] > 0 and ordering["host_resident_groups"] > 0
+        passed = passed and ordering["groups_read"] > 0
         out.append(Row("slow reads + queued compute: equal", what, "all equal, waited", verdict(passed)))
     return out
 

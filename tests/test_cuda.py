@@ -220,3 +220,4 @@ def test_stream_ordering_under_slow_reads_and_queued_compute(tmp_path):
     result = check.ordering_check(settings, read_delay=0.02)
     assert result["exact"], result
     assert result["stall_s"] > 0 and result["spin_cycles"] > 0
+    assert result["host_resident_groups"] == 2 and result["groups_read"] >= 2  # 4 blocks: 2 resident, 2 streamed

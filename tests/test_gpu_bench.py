@@ -204,6 +204,7 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     check_report(report["bench"], result.stdout.split("\n\n", 1)[1])
     ordering = report["ordering"]
     assert ordering["exact"] is True and ordering["forwards"] == 3 and ordering["stall_s"] > 0
+    assert ordering["host_resident_groups"] == 1 and ordering["groups_read"] >= 2  # 3 blocks: 1 resident, 2 streamed
     verdicts = {line.split("  ")[0]: line.split()[-1] for line in result.stdout.splitlines() if "  " in line}
     assert verdicts["CUDA tests (pytest -m cuda)"] == "n/a"
     assert verdicts["outputs torch.equal to no offload"] == "PASS"
@@ -242,6 +243,7 @@ def gpu_report(step_ratio: float, h2d_ratio: float, exact: bool = True, failures
     }
     tests = {"tests": 16, "failures": failures, "errors": 0, "skipped": 1, "passed": 15 - failures}
     ordering = {"exact": True, "forwards": 3, "read_delay_s": 0.02, "spin_cycles": 2e7, "stall_s": 0.3}
+    ordering.update(groups_read=9, host_resident_groups=3)
     return {"dry_run": False, "cuda": True, "cuda_tests": tests, "bench": bench, "ordering": ordering}
 
 
