@@ -22,6 +22,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
 
+from . import placement
 from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
@@ -355,7 +356,7 @@ def _main_device(device_map: Mapping[str, Any], main_device: Any) -> Any:
     if main_device is not None:
         return main_device
     resident = [device for device in device_map.values() if device not in ("cpu", "disk", NVME)]
-    return resident[0] if resident else "cpu"
+    return resident[0] if resident else (placement.compute_device() or "cpu")  # a pipeline's device, if any
 
 
 def _is_called(module: torch.nn.Module) -> bool:

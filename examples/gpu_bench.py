@@ -6,7 +6,8 @@ What it measures, on one CUDA device, with the same bf16 weights (built from a f
 - ``diffusers_stream``: ``diffusers.hooks.apply_group_offloading(..., offload_type="block_level",
   num_blocks_per_group=1, use_stream=True, record_stream=True)``: every block kept in pinned RAM and copied on a side
   stream one block ahead (the in-RAM anchor the nvme tier is held to);
-- ``nvme``: ``accel_nvme.dispatch_model`` with every block mapped to ``"nvme"`` (``prefetch_depth=2``): "cold" steps
+- ``nvme``: ``accel_nvme.dispatch_model`` with every block mapped to ``"nvme"`` (``--prefetch-depth``, 2; 1 holds
+  as many blocks on the GPU as ``diffusers_stream``: the one in use and the next): "cold" steps
   drop the page cache of the group files first (``posix_fadvise(DONTNEED)``; O_DIRECT reads bypass it anyway),
   "warm" steps do not;
 - the host-to-device rate of one block's bytes: a plain pinned tensor (``pin_memory=True``), an mmap buffer registered
@@ -167,6 +168,7 @@ class Settings:
     modes: tuple[str, ...]
     offload_folder: Path
     dry_run: bool
+    prefetch_depth: int = 2
 
     @property
     def cuda(self) -> bool:
@@ -388,7 +390,7 @@ def mode_nvme(settings: Settings, inputs: tuple[torch.Tensor, ...]) -> dict[str,
         nvme_device_map(model, main),
         offload_dir=str(settings.offload_folder),
         main_device=main,
-        config=accel_nvme.NvmeConfig(prefetch_depth=2),
+        config=accel_nvme.NvmeConfig(prefetch_depth=settings.prefetch_depth),
     )
     write_s = time.perf_counter() - start
     prefetcher = _prefetcher(model)
@@ -697,6 +699,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "heads": probe.blocks[0].heads,
             "tokens": settings.tokens,
             "steps": settings.steps,
+            "prefetch_depth": settings.prefetch_depth,
             "dtype": str(DTYPE).removeprefix("torch."),
             "device": str(settings.device),
             "device_name": torch.cuda.get_device_name(settings.device) if settings.cuda else "cpu",
@@ -774,6 +777,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cuda:0", help="the CUDA device (default cuda:0)")
     p.add_argument(
+        "--prefetch-depth", type=int, default=2, help="nvme groups read ahead (default 2; 1 matches diffusers' VRAM)"
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="run on the CPU at a tiny size (2 blocks, hidden 64, 16 tokens), without the CUDA-only measurements",
@@ -791,15 +797,21 @@ def _settings(args: argparse.Namespace, offload_folder: Path) -> Settings:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # diffusers creates its side stream on the current device
     return Settings(
-        steps=args.steps, device=device, modes=args.modes, offload_folder=offload_folder, dry_run=args.dry_run, **size
+        steps=args.steps,
+        device=device,
+        modes=args.modes,
+        offload_folder=offload_folder,
+        dry_run=args.dry_run,
+        prefetch_depth=args.prefetch_depth,
+        **size,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every selected mode ran, 1 when one failed, 2 without a CUDA device."""
     args = parser().parse_args(argv)
-    if args.steps < 1 or args.blocks < 1 or args.hidden < 1 or args.tokens < 1:
-        parser().error("--steps, --blocks, --hidden and --tokens must be >= 1")
+    if min(args.steps, args.blocks, args.hidden, args.tokens, args.prefetch_depth) < 1:
+        parser().error("--steps, --blocks, --hidden, --tokens and --prefetch-depth must be >= 1")
     try:
         torch.device(args.device)
     except RuntimeError as e:

@@ -109,3 +109,36 @@ def tiny_ddpm_pipeline(seed: int = 0):
         norm_num_groups=4,
     ).eval()
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
+
+
+def tiny_dit_pipeline(seed: int = 0, dtype=torch.float32):
+    """A DiT pipeline (class-conditioned transformer and a VAE), small and random, built from components."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        norm_num_groups=4,
+        sample_size=8,
+        patch_size=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler(num_train_timesteps=10))
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def run_dit(pipe, device="cpu"):
+    """Two denoising steps of class 1 from a fixed seed, as a numpy array."""
+    generator = torch.Generator(device).manual_seed(0)
+    return pipe(class_labels=[1], num_inference_steps=2, generator=generator, output_type="np").images

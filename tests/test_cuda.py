@@ -1,8 +1,16 @@
-"""The CUDA path: side-stream copies from pinned staging buffers. Skipped without a CUDA device."""
+"""The CUDA path: side-stream copies from pinned staging buffers, placement on the GPU, stream ordering.
 
+Skipped without a CUDA device; ``scripts/gpu_check.sh`` runs them on a GPU machine.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from helpers import IDS_SEED, tiny_lm
+from helpers import IDS_SEED, run_dit, tiny_dit_pipeline, tiny_llama, tiny_lm
 
 import accel_nvme
 from accel_nvme import NvmeConfig
@@ -11,6 +19,19 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+
+GPU_CHECK = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+
+
+def load_gpu_check():
+    """scripts/gpu_check.py as a module (it imports examples/gpu_bench.py as ``gpu_bench``)."""
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
 
 
 def ids():
@@ -71,3 +92,132 @@ def test_cuda_device_memory_is_bounded_by_depth(offload_dir):
         torch.cuda.synchronize()
     layer_bytes = sum(p.numel() * p.element_size() for p in tiny_lm(width=256, depth=8).body.layers[0].parameters())
     assert torch.cuda.max_memory_allocated() - start < 4 * layer_bytes + (16 << 20)
+
+
+# ---------------------------------------------------------------- placement on the GPU (issue 11)
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    path = tmp_path_factory.mktemp("dit") / "pipe"
+    tiny_dit_pipeline().save_pretrained(path)
+    return path
+
+
+def nvme_hooks(module):
+    return [
+        m._hf_hook
+        for m in module.modules()
+        if isinstance(getattr(m, "_hf_hook", None), accel_nvme.NvmeAlignDevicesHook)
+    ]
+
+
+def expected_dit(device="cuda:0"):
+    return run_dit(tiny_dit_pipeline().to(device))
+
+
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:0", 0, None])
+def test_pipeline_computes_every_component_on_the_gpu(dit, offload_dir, deterministic, device_map):
+    from diffusers import DiffusionPipeline
+
+    kwargs = {} if device_map is None else {"device_map": device_map}
+    pipe = DiffusionPipeline.from_pretrained(dit, offload_backend="nvme", offload_folder=offload_dir, **kwargs)
+    hooks = nvme_hooks(pipe.transformer)
+    assert hooks and all(hook.execution_device == torch.device("cuda", 0) for hook in hooks)
+    assert hooks[0].prefetcher.on_cuda
+    assert pipe.vae.device == torch.device("cuda", 0)  # placed whole
+    assert pipe._execution_device.type == "cuda"
+    assert pipe.to("cuda") is pipe  # the device it computes on already: moves the others (here: nothing to move)
+    assert np.array_equal(run_dit(pipe), expected_dit())
+
+
+@pytest.mark.parametrize("budget_kwarg", ["max_memory", "nvme_device_resident_budget"])
+def test_pipeline_gpu_budget_keeps_the_denoiser_resident_first(dit, offload_dir, deterministic, budget_kwarg):
+    from diffusers import DiffusionPipeline
+
+    built = tiny_dit_pipeline()
+    sizes = {name: sum(t.nbytes for t in getattr(built, name).state_dict().values()) for name in ("transformer", "vae")}
+    budget = sizes["transformer"] + sizes["vae"] // 2
+    pipe = DiffusionPipeline.from_pretrained(
+        dit,
+        device_map="cuda",
+        **({budget_kwarg: {0: budget}} if budget_kwarg == "max_memory" else {budget_kwarg: budget}),
+        nvme_components=["transformer", "vae"],
+        offload_backend="nvme",
+        offload_folder=offload_dir,
+    )
+    transformer, vae = accel_nvme.stats(pipe.transformer), accel_nvme.stats(pipe.vae)
+    assert len(transformer.resident) == transformer.groups
+    assert 0 < len(vae.resident) < vae.groups
+    prefetcher = nvme_hooks(pipe.vae)[0].prefetcher
+    assert all(prefetcher._resident[i].device_data is not None for i in prefetcher.resident)  # on the GPU, not RAM
+    for _ in range(2):
+        assert np.array_equal(run_dit(pipe), expected_dit())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_pipeline_on_the_second_gpu(dit, offload_dir, deterministic):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        dit, device_map="cuda:1", offload_backend="nvme", offload_folder=offload_dir
+    )
+    assert all(hook.execution_device == torch.device("cuda", 1) for hook in nvme_hooks(pipe.transformer))
+    assert pipe.vae.device == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="pass device_map='cuda:0'"):
+        pipe.to("cuda:0")
+    assert np.array_equal(run_dit(pipe), expected_dit("cuda:1"))
+
+
+def test_auto_device_map_fills_the_gpu_then_the_cpu_then_streams_on_the_first_gpu(tmp_path, offload_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(layers=6)
+    model.save_pretrained(tmp_path / "llama")
+    layer = sum(t.nbytes for t in model.model.layers[0].state_dict().values())
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.inference_mode():
+        expected = model.to("cuda:0")(ids.to("cuda:0")).logits.cpu()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama",
+        device_map="auto",
+        max_memory={0: 3 * layer, "cpu": 2 * layer},
+        offload_backend="nvme",
+        offload_folder=offload_dir,
+    )
+    tiers = set(loaded.hf_device_map.values())
+    assert {0, "disk"} <= tiers, loaded.hf_device_map  # "disk" entries are the nvme ones
+    hooks = nvme_hooks(loaded)
+    assert hooks and all(hook.execution_device == torch.device("cuda", 0) for hook in hooks)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(loaded(ids.to("cuda:0")).logits.cpu(), expected)
+
+
+def test_stream_ordering_under_slow_reads_and_queued_compute(tmp_path):
+    check = load_gpu_check()
+    bench = sys.modules["gpu_bench"]
+    settings = bench.Settings(
+        blocks=4,
+        hidden=512,
+        tokens=256,
+        steps=1,
+        device=torch.device("cuda", 0),
+        modes=bench.MODES,
+        offload_folder=tmp_path,
+        dry_run=False,
+        prefetch_depth=1,
+    )
+    result = check.ordering_check(settings, read_delay=0.02)
+    assert result["exact"], result
+    assert result["stall_s"] > 0 and result["spin_cycles"] > 0
+    assert result["host_resident_groups"] == 2 and result["groups_read"] >= 2  # 4 blocks: 2 resident, 2 streamed

@@ -168,3 +168,108 @@ def test_small_gpu_run_is_exact_and_reports_rates(tmp_path):
     assert report["targets"]["nvme_vs_diffusers_stream"]["value"] is not None
     assert "PASS" in result.stdout or "FAIL" in result.stdout
     assert list(tmp_path.iterdir()) == [out]
+
+
+# ---------------------------------------------------------------- scripts/gpu_check.sh (issue 11)
+
+CHECK_SH = SCRIPT.parent.parent / "scripts" / "gpu_check.sh"
+
+
+def load_check():
+    """scripts/gpu_check.py as a module."""
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", CHECK_SH.with_suffix(".py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
+
+
+def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    result = subprocess.run(
+        ["bash", str(CHECK_SH), "--dry-run", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["dry_run"] is True and report["cuda"] is False
+    tests = report["cuda_tests"]
+    assert tests["tests"] >= 10 and tests["failures"] == tests["errors"] == 0  # collected, skipped without CUDA
+    assert tests["skipped"] == tests["tests"]
+    check_report(report["bench"], result.stdout.split("\n\n", 1)[1])
+    ordering = report["ordering"]
+    assert ordering["exact"] is True and ordering["forwards"] == 3 and ordering["stall_s"] > 0
+    assert ordering["host_resident_groups"] == 1 and ordering["groups_read"] >= 2  # 3 blocks: 1 resident, 2 streamed
+    verdicts = {line.split("  ")[0]: line.split()[-1] for line in result.stdout.splitlines() if "  " in line}
+    assert verdicts["CUDA tests (pytest -m cuda)"] == "n/a"
+    assert verdicts["outputs torch.equal to no offload"] == "PASS"
+    assert verdicts["slow reads + queued compute: equal"] == "PASS"
+    assert verdicts["H2D staging buffers / plain pinned"] == "n/a"
+    assert "GPU CHECK: PASS" in result.stdout
+    assert "gpu_check.sh: torch" in result.stdout  # the versions line, after the install step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # its temporary folders are gone
+
+
+def test_gpu_check_without_cuda_exits_2_with_a_clear_message(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(["bash", str(CHECK_SH)], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert result.returncode == 2
+    assert "gpu_check.py needs a CUDA device (or --dry-run" in result.stderr
+
+
+def gpu_report(step_ratio: float, h2d_ratio: float, exact: bool = True, failures: int = 0) -> dict:
+    common = {"status": "ok", "exact": exact, "peak_gpu_bytes": 2 * 10**9}
+    bench = {
+        "modes": {
+            "no_offload": {**common, "step_s": 1.0, "exact": None},
+            "diffusers_stream": {**common, "step_s": 2.0},
+            "nvme": {
+                **common,
+                "step_s": 2.0 * step_ratio,
+                "peak_gpu_bytes": 3 * 10**9,
+                "bytes_read_per_step": 8e9,
+                "raw_read": {"gb_per_s": 4.0},
+            },
+        },
+        "targets": {
+            "nvme_vs_diffusers_stream": {"value": step_ratio, "pass": step_ratio <= 1.05},
+            "side_stream_vs_plain_pinned": {"value": h2d_ratio, "pass": h2d_ratio >= 0.8},
+        },
+    }
+    tests = {"tests": 16, "failures": failures, "errors": 0, "skipped": 1, "passed": 15 - failures}
+    ordering = {"exact": True, "forwards": 3, "read_delay_s": 0.02, "spin_cycles": 2e7, "stall_s": 0.3}
+    ordering.update(groups_read=9, host_resident_groups=3)
+    return {"dry_run": False, "cuda": True, "cuda_tests": tests, "bench": bench, "ordering": ordering}
+
+
+@pytest.mark.parametrize(
+    "report, failed",
+    [
+        (gpu_report(1.02, 0.93), []),
+        (gpu_report(1.30, 0.93), ["nvme step / diffusers stream (RAM)"]),
+        (gpu_report(1.02, 0.50), ["H2D staging buffers / plain pinned"]),
+        (gpu_report(1.02, 0.93, exact=False), ["outputs torch.equal to no offload"]),
+        (gpu_report(1.02, 0.93, failures=2), ["CUDA tests (pytest -m cuda)"]),
+    ],
+)
+def test_gpu_check_table_verdicts(report, failed):
+    check = load_check()
+    rows = {row.check: row for row in check.rows(report)}
+    assert [name for name, row in rows.items() if row.verdict == "FAIL"] == failed
+    ratio = report["bench"]["targets"]["nvme_vs_diffusers_stream"]["value"]
+    assert rows["nvme step / drive floor (raw read)"].value == f"{ratio:.3f}x"  # 8 GB per step at 4 GB/s: 2 s
+    assert rows["peak VRAM nvme / diffusers stream"].value == "1.500x"
+    assert rows["slow reads + queued compute: equal"].verdict == "PASS"
+
+
+def test_gpu_check_ordering_fails_when_compute_never_waited():
+    check = load_check()
+    report = gpu_report(1.0, 0.9)
+    report["ordering"]["stall_s"] = 0.0  # the delay did not reach the reads: the check proved nothing
+    rows = {row.check: row for row in check.rows(report)}
+    assert rows["slow reads + queued compute: equal"].verdict == "FAIL"

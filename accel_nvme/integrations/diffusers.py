@@ -10,21 +10,15 @@ tokenizers) as usual; ``nvme_components=[...]`` chooses the streamed ones.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 from types import ModuleType
 
 from ..dispatch import current_loading
-from .kwargs import pop_nvme_config, wrap_from_pretrained
+from .kwargs import wrap_from_pretrained
+from .pipelines import patch_pipeline_loading
 
-STREAMED_PREFIXES = ("transformer", "unet", "prior", "decoder", "text_encoder")
 _shard = threading.local()
-
-
-def streamed_by_default(component: str) -> bool:
-    """Whether a pipeline component is streamed when ``nvme_components`` is not given."""
-    return component.startswith(STREAMED_PREFIXES)
 
 
 def patch_model_loading(modeling_utils: ModuleType) -> None:
@@ -105,67 +99,6 @@ def patch_weight_offload(model_loading_utils: ModuleType) -> None:
     note_or_offload_weight._accel_nvme = True
     model_loading_utils.offload_weight = note_or_offload_weight
     model_loading_utils._load_shard_file = _remember_shard(model_loading_utils._load_shard_file)
-
-
-def patch_pipeline_loading(pipeline_utils: ModuleType) -> None:
-    """Wrap ``DiffusionPipeline.from_pretrained``: streamed components are loaded with the nvme tier first."""
-    pipeline = pipeline_utils.DiffusionPipeline
-    original = pipeline.from_pretrained.__func__
-    if getattr(original, "_accel_nvme", False):
-        return
-
-    @functools.wraps(original)
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        components = kwargs.pop("nvme_components", None)
-        config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
-        if config is None:
-            if components is not None:
-                raise ValueError(f"{cls.__name__}.from_pretrained: nvme_components needs offload_backend='nvme'")
-            return original(cls, pretrained_model_name_or_path, **kwargs)
-        folder = pretrained_model_name_or_path
-        if not os.path.isdir(folder):
-            folder = cls.download(pretrained_model_name_or_path)
-        for name, component in _streamed_components(folder, components):
-            if name not in kwargs:
-                kwargs[name] = _load_streamed(component, folder, name, config, kwargs)
-        kwargs.pop("offload_folder", None)
-        return original(cls, pretrained_model_name_or_path, **kwargs)
-
-    from_pretrained._accel_nvme = True
-    pipeline.from_pretrained = classmethod(from_pretrained)
-
-
-def _streamed_components(folder, chosen) -> list[tuple[str, tuple[str, str]]]:
-    with open(os.path.join(folder, "model_index.json")) as f:
-        index = json.load(f)
-    available = {
-        name: tuple(spec)
-        for name, spec in index.items()
-        if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[0] is not None
-    }
-    if chosen is None:
-        return [(name, spec) for name, spec in available.items() if streamed_by_default(name)]
-    unknown = sorted(set(chosen) - set(available))
-    if unknown:
-        raise ValueError(
-            f"{folder}: nvme_components {unknown} are not components of this pipeline ({sorted(available)})"
-        )
-    return [(name, available[name]) for name in chosen]
-
-
-def _load_streamed(spec: tuple[str, str], folder, name: str, config, kwargs):
-    import importlib
-
-    library, class_name = spec
-    component_class = getattr(importlib.import_module(library), class_name)
-    load_kwargs = {key: kwargs[key] for key in ("torch_dtype", "dtype") if key in kwargs}
-    return component_class.from_pretrained(
-        os.path.join(folder, name),
-        device_map={"": "nvme"},
-        offload_folder=str(config.offload_dir),
-        nvme_config=config,
-        **load_kwargs,
-    )
 
 
 PATCHES = {
