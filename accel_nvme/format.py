@@ -26,6 +26,7 @@ ALIGNMENT = 4096
 TENSOR_ALIGNMENT = 64
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 MAX_INDEX = (1 << 64) - 1
+MAX_DIM = (1 << 63) - 1
 PAD_PATTERN = re.compile(r"__accel_nvme_pad_\d+__")
 DIGEST_NAME = "blake3"
 
@@ -230,10 +231,10 @@ def _check_strings(value: object) -> None:
             stack += item
 
 
-def _index(value: object) -> int:
-    """A JSON number safetensors reads as ``usize``: an integer in [0, 2**64)."""
-    if type(value) is not int or not 0 <= value <= MAX_INDEX:
-        raise ValueError(f"{value!r} is not an integer in [0, 2**64)")
+def _index(value: object, limit: int = MAX_INDEX) -> int:
+    """A JSON number safetensors reads as ``usize`` (a dimension: as torch's ``int64``): an integer in [0, limit]."""
+    if type(value) is not int or not 0 <= value <= limit:
+        raise ValueError(f"{value!r} is not an integer in [0, {limit}]")
     return value
 
 
@@ -245,13 +246,15 @@ def _entry(name: str, info: object) -> TensorEntry:
     dtype = SAFETENSORS_TO_DTYPE[info["dtype"]]
     if not isinstance(info["shape"], list) or not isinstance(info["data_offsets"], list):
         raise ValueError("shape and data_offsets must be lists")
-    shape = tuple(_index(d) for d in info["shape"])
+    shape = tuple(_index(d, MAX_DIM) for d in info["shape"])
     if len(info["data_offsets"]) != 2:
         raise ValueError("data_offsets must hold two integers")
     start, end = (_index(o) for o in info["data_offsets"])
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > MAX_INDEX:
-        raise ValueError(f"shape {list(shape)} overflows")
+    nbytes = 1
+    for factor in (*shape, dtype.itemsize):  # in order, as safetensors' checked multiplication
+        nbytes *= factor
+        if nbytes > MAX_INDEX:
+            raise ValueError(f"shape {list(shape)} overflows")
     if end < start or end - start != nbytes:
         raise ValueError(f"byte range [{start}, {end}) does not hold a {info['dtype']} tensor of shape {list(shape)}")
     return TensorEntry(name, dtype, shape, start, end)

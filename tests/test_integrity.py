@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
 
 import pytest
@@ -36,6 +37,23 @@ EVERY = {
     "body.final": "nvme",
     "head": "nvme",
 }
+
+
+TIME_LIMIT_S = 240
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    """Every test here fails instead of hanging: SIGALRM raises in the main thread after ``TIME_LIMIT_S``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"test still running after {TIME_LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TIME_LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def forward(model, *inputs):
