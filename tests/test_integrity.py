@@ -9,11 +9,13 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 
 import pytest
 import torch
 from helpers import reference, tiny_llama, tiny_lm
 from safetensors.torch import save_file
+from test_faults import spawn
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -414,3 +416,64 @@ def test_hostile_header_values_raise_our_error_naming_the_file(tmp_path, value):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     with pytest.raises(GroupFileError, match=str(path)):
         read_layout(path)
+
+
+@pytest.fixture
+def eio_file():
+    """Bind-mount this process's /proc/<pid>/mem over a file: reading it at offset 0 is a real EIO (needs root)."""
+    mounted = []
+
+    def mount(path):
+        result = subprocess.run(["mount", "--bind", f"/proc/{os.getpid()}/mem", str(path)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot bind-mount (needs root): {result.stderr.decode().strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_eio_while_validating_is_reported_naming_the_file_never_a_bare_oserror(offload_dir, eio_file, caplog):
+    dispatch(offload_dir)
+    folder = only_folder(offload_dir)
+    victim = folder / "group-00001.safetensors"
+    eio_file(victim)
+    (problem,) = verify_folder(offload_dir)
+    assert problem.file == victim and "Input/output error" in problem.message
+    assert "Input/output error" in inspect_folder(offload_dir)["models"][0]["groups"][1]["problem"]
+    # the damaged folder is to be rewritten, but a mount point cannot be removed: our error, naming the folder
+    removing = pytest.raises(StoreError, match=rf"{folder}: removing the damaged folder failed")
+    with caplog.at_level(logging.WARNING, logger="accel_nvme.store"), removing:
+        dispatch(offload_dir)
+    assert f"{victim}: reading the header failed (Input/output error)" in caplog.text
+
+
+FSIZE_WORKER = """
+    import os, resource, signal, sys, torch, accel_nvme
+    from accel_nvme.store import StoreError
+    from test_faults import big_model, per_layer_map
+    root = sys.argv[1]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+    model = big_model(layers=4, width=512)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+    try:
+        accel_nvme.dispatch_model(model, per_layer_map(model), offload_dir=root)
+        print("WROTE", flush=True)
+    except StoreError as e:
+        assert f"{root}: writing nvme groups" in str(e) and "File too large" in str(e), e
+        assert [n for n in os.listdir(root) if not n.endswith(".lock")] == [], os.listdir(root)
+        print("REFUSED", flush=True)
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+"""
+
+
+def test_an_io_error_while_writing_is_our_error_naming_the_folder_and_leaves_nothing(offload_dir):
+    worker = spawn(FSIZE_WORKER, offload_dir)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err[-3000:]
+    assert out.strip() == "REFUSED"
