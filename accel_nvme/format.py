@@ -19,8 +19,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import torch
+import xxhash
 
 ALIGNMENT = 4096
 TENSOR_ALIGNMENT = 64
@@ -28,7 +28,7 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 MAX_INDEX = (1 << 64) - 1
 MAX_DIM = (1 << 63) - 1
 PAD_PATTERN = re.compile(r"__accel_nvme_pad_\d+__")
-DIGEST_NAME = "blake3"
+DIGEST_NAME = "xxh3_128"
 
 DTYPE_TO_SAFETENSORS = {
     torch.float64: "F64",
@@ -84,14 +84,18 @@ class WrittenGroup:
     tensor_digests: dict[str, str]
 
 
-def new_digest() -> blake3.blake3:
-    """An incremental hasher of the kind every digest in an offload folder uses (BLAKE3, 256 bits)."""
-    return blake3.blake3()
+def new_digest() -> xxhash.xxh3_128:
+    """An incremental hasher of the kind every digest in an offload folder uses (XXH3, 128 bits).
+
+    Chosen by measurement: hashing adds nothing measurable to the first forward here (BLAKE3 added ~9 %, SHA-256 runs
+    at 1.2 GB/s, slower than the drive). It guards against damage and mix-ups; ownership checks guard the folder.
+    """
+    return xxhash.xxh3_128()
 
 
 def digest(data: bytes | memoryview) -> str:
-    """Hex BLAKE3 digest of ``data`` (releases the GIL while hashing large buffers)."""
-    return blake3.blake3(data).hexdigest()
+    """Hex XXH3-128 digest of ``data`` (releases the GIL while hashing)."""
+    return xxhash.xxh3_128(data).hexdigest()
 
 
 def is_padding(name: str) -> bool:
@@ -148,7 +152,7 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, 
 def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> WrittenGroup:
     """Write ``tensors`` as one aligned safetensors file, atomically (temporary name, fsync, rename), mode 0600.
 
-    Returns the layout and the BLAKE3 digests of the data section and of each tensor, which readers check.
+    Returns the layout and the digests of the data section and of each tensor, which readers check.
     """
     path = Path(path)
     order = storage_order(tensors)

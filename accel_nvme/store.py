@@ -490,6 +490,9 @@ def read_manifest_json(folder: Path) -> dict:
             f"{path}: format version {manifest.get('version')!r}, this accel_nvme reads {FORMAT_VERSION}; "
             f"{CLEAN_ADVICE}"
         )
+    if manifest.get("digest_algorithm") != DIGEST_NAME:
+        found = manifest.get("digest_algorithm")
+        raise StoreError(f"{path}: digests are {found!r}, expected {DIGEST_NAME}; {CLEAN_ADVICE}")
     if manifest.get("digest") != manifest_digest(manifest):
         raise StoreError(f"{path}: its digest does not match its content (edited or damaged); {CLEAN_ADVICE}")
     return manifest
