@@ -319,6 +319,7 @@ def materialize(
         root.mkdir(mode=0o700, exist_ok=True)
     except OSError as e:
         raise StoreError(f"offload folder {root} is not writable ({e.strerror}); choose another offload folder") from e
+    _check_root(root)
     with _locked(root / f".{FOLDER_PREFIX}{fp}.lock", lock_timeout):
         manifest = _reusable(folder, plans, fp)
         if manifest is not None:
@@ -335,6 +336,19 @@ def materialize(
         manifest = load_manifest(folder)
         _check_holds(manifest, plans, fp)
         return manifest
+
+
+def _check_root(root: Path) -> None:
+    """Refuse an offload folder where others may rename entries (world-writable, no sticky bit); warn for a group."""
+    mode = root.stat().st_mode
+    if mode & stat.S_ISVTX or not mode & 0o022:
+        return
+    if mode & 0o002:
+        raise StoreError(
+            f"offload folder {root} has mode {stat.filemode(mode)}: anyone can rename what accel_nvme writes there; "
+            "set its sticky bit (chmod +t, as /tmp has) or use a sub-folder only you can write"
+        )
+    logger.warning("offload folder %s is group-writable without the sticky bit: members can swap folders in it", root)
 
 
 def _is_own_folder(path: Path) -> bool:

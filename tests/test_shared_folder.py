@@ -317,3 +317,14 @@ def test_a_manifest_fifo_blocks_nothing(offload_dir):
     (problem,) = within(20, verify_folder, offload_dir)
     assert "FIFO" in problem.message
     assert torch.equal(forward(within(60, dispatch, offload_dir), IDS), reference(tiny_lm(), IDS))
+
+
+def test_an_offload_folder_anyone_can_rename_in_is_refused_unless_sticky(tmp_path):
+    root = tmp_path / "open"
+    root.mkdir()
+    root.chmod(0o777)
+    with pytest.raises(StoreError, match=rf"offload folder {root} has mode drwxrwxrwx: anyone can rename"):
+        dispatch(root)
+    assert list(root.iterdir()) == []
+    root.chmod(0o1777)
+    assert torch.equal(forward(dispatch(root), IDS), reference(tiny_lm(), IDS))
