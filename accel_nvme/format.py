@@ -181,9 +181,13 @@ def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Wr
 
 
 def open_regular(path: str | os.PathLike, dir_fd: int | None = None, flags: int = 0) -> int:
-    """Open a file read-only without following a symlink or blocking (a FIFO); refuse anything but a regular file."""
+    """Open a file read-only without following a symlink or blocking (a FIFO); refuse anything but a regular file.
+
+    With ``dir_fd`` (a folder opened earlier), ``path``'s last component is opened relative to it (``openat``).
+    """
+    name = Path(path).name if dir_fd is not None else path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | flags, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | flags, dir_fd=dir_fd)
     except FileNotFoundError as e:
         raise GroupFileError(f"{path}: cannot open: the file is missing") from e
     except OSError as e:
@@ -288,7 +292,7 @@ def _parse_header(path: Path, raw: bytes) -> list[TensorEntry]:
 def read_layout(path: str | os.PathLike, dir_fd: int | None = None) -> GroupLayout:
     """Parse and check a group file's header (as strictly as safetensors); raise ``GroupFileError`` naming the file.
 
-    ``path`` is opened without following a symlink and without blocking, relative to ``dir_fd`` when given.
+    ``path`` is opened without following a symlink and without blocking, by name relative to ``dir_fd`` when given.
     """
     path = Path(path)
     fd = open_regular(path, dir_fd)

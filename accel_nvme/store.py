@@ -477,11 +477,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def read_manifest_json(folder: Path) -> dict:
-    """The manifest as checked JSON (its own digest included), never through a symlink; ``StoreError`` otherwise."""
+def read_manifest_json(folder: Path, dir_fd: int | None = None) -> dict:
+    """The manifest as checked JSON (its own digest included), never through a symlink; ``StoreError`` otherwise.
+
+    With ``dir_fd`` (``folder`` opened earlier), the manifest is opened relative to it.
+    """
     path = folder / MANIFEST_NAME
     try:
-        fd = open_regular(path)
+        fd = open_regular(path, dir_fd)
     except GroupFileError as e:
         if isinstance(e.__cause__, FileNotFoundError):
             raise StoreError(f"{folder}: no {MANIFEST_NAME}; the folder is incomplete and is never trusted") from e
@@ -516,7 +519,7 @@ def _is_str_map(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
 
-def _stored_group(folder: Path, index: int, g: object, files: set[str]) -> StoredGroup:
+def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[str]) -> StoredGroup:
     where = f"{folder / MANIFEST_NAME}: group {index}"
     if not isinstance(g, dict):
         raise StoreError(f"{where} is a {type(g).__name__}, expected an object")
@@ -527,8 +530,8 @@ def _stored_group(folder: Path, index: int, g: object, files: set[str]) -> Store
     if not _is_str_map(g.get("members")) or not _is_str_map(g.get("tensors")):
         raise StoreError(f"{where}: members and tensors must map names to names and digests")
     path = folder / file
-    layout = read_layout(path)
-    check_private(path)
+    layout = read_layout(path, dir_fd)
+    check_private(path, os.stat(file, dir_fd=dir_fd, follow_symlinks=False))
     recorded = (g.get("data_offset"), g.get("data_bytes"), g.get("header_digest"))
     if recorded != (layout.data_offset, layout.data_bytes, layout.header_digest):
         raise GroupFileError(
@@ -555,16 +558,19 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     folder = Path(folder)
     try:
         st = os.lstat(folder)
+        check_private(folder, st)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise StoreError(f"{folder}: cannot be examined ({e.strerror})") from e
-    check_private(folder, st)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{folder}: not a folder")
-    raw = read_manifest_json(folder)
-    if not isinstance(raw.get("groups"), list) or not isinstance(raw.get("fingerprint"), str):
-        raise StoreError(f"{folder / MANIFEST_NAME}: malformed manifest (groups or fingerprint missing)")
-    files: set[str] = set()
-    groups = tuple(_stored_group(folder, index, g, files) for index, g in enumerate(raw["groups"]))
+        raise StoreError(f"{folder}: cannot be opened as a folder ({e.strerror})") from e
+    try:
+        check_private(folder, os.fstat(dir_fd))  # the folder opened is the one checked
+        raw = read_manifest_json(folder, dir_fd)
+        if not isinstance(raw.get("groups"), list) or not isinstance(raw.get("fingerprint"), str):
+            raise StoreError(f"{folder / MANIFEST_NAME}: malformed manifest (groups or fingerprint missing)")
+        files: set[str] = set()
+        groups = tuple(_stored_group(folder, dir_fd, index, g, files) for index, g in enumerate(raw["groups"]))
+    finally:
+        os.close(dir_fd)
     tensors = {e.name: (g, e) for g in groups for e in g.entries}
     for group in groups:
         for member, canonical in group.members.items():
