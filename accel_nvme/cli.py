@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-on-read",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="check each group's SHA-256 after every read",
+        help="check each group against its digest on every read (default: on its first read after a launch)",
     )
+    c.add_argument("--lock-timeout", type=float, help="seconds to wait for another process writing the same weights")
     c.add_argument("--resident-budget", help="host RAM for groups kept loaded, e.g. 6GiB, or auto")
     c.add_argument("--device-resident-budget", help="CUDA memory for groups kept loaded, e.g. 4GiB, or auto")
     c.add_argument("--show", action="store_true", help="only print the settings in force and where they come from")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .store import DEFAULT_LOCK_TIMEOUT
 
 DIRECT_IO_CHOICES = ("auto", "on", "off")
 ENV_PREFIX = "ACCEL_NVME_"
@@ -28,9 +31,11 @@ class NvmeConfig:
     ``io_threads`` requests of ``io_request_bytes`` each are kept in flight; ``direct_io`` picks O_DIRECT
     ("on"), buffered reads that drop the page cache behind them ("off"), or O_DIRECT where the filesystem
     allows it ("auto"); consecutive device_map entries are merged into one group while it stays within ``group_bytes``
-    (0: one group per entry); ``verify_on_read`` checks each group's SHA-256 after every read;
+    (0: one group per entry); ``verify_on_read`` checks each group against its digest on every read (else on its
+    first read after a launch only);
     ``resident_budget`` (host RAM) and ``device_resident_budget`` (CUDA memory) keep that many bytes of groups
-    loaded once instead of streamed ("auto": half of the memory available at dispatch, less the staging buffers).
+    loaded once instead of streamed ("auto": half of the memory available at dispatch, less the staging buffers);
+    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error.
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -42,6 +47,7 @@ class NvmeConfig:
     verify_on_read: bool = False
     resident_budget: int | str = 0
     device_resident_budget: int | str = 0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
@@ -55,6 +61,9 @@ class NvmeConfig:
             )
         if self.direct_io not in DIRECT_IO_CHOICES:
             raise ValueError(f"NvmeConfig.direct_io must be one of {DIRECT_IO_CHOICES}, got {self.direct_io!r}")
+        timeout = self.lock_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise ValueError(f"NvmeConfig.lock_timeout must be a number of seconds > 0, got {self.lock_timeout!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
         for name in ("resident_budget", "device_resident_budget"):
@@ -92,6 +101,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return "auto" if str(value).strip().lower() == "auto" else parse_size(value)
         if name in ("prefetch_depth", "io_threads"):
             return int(value)
+        if name == "lock_timeout":
+            return float(value)
         if name == "verify_on_read":
             if isinstance(value, bool):
                 return value

@@ -27,7 +27,7 @@ from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
-from .prefetch import ForwardStats, GroupSource, Prefetcher, TensorView, spread_resident
+from .prefetch import Checksum, ForwardStats, GroupSource, Prefetcher, TensorView, spread_resident
 from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _dispatch_nvme(
     kept += tensor_entries
     entry_plans = _plan_groups(model, entries, placed, offload_buffers, main_device, index, mapped, device_map)
     plans, group_of_entry = _merge_groups(entry_plans, config.group_bytes)
-    manifest = materialize(config.offload_dir, plans, config.io_threads)
+    manifest = materialize(config.offload_dir, plans, config.io_threads, config.lock_timeout)
     execution_device = _execution_device(main_device)
     sources = _sources(manifest, config.verify_on_read)
     reader = prefetcher = None
@@ -584,12 +584,16 @@ def _named_tensors(module: torch.nn.Module, include_buffers: bool, persistent_on
 
 
 def _sources(manifest: Manifest, verify: bool) -> list[GroupSource]:
-    """Read plans: each group's own data section, plus aligned ranges of tied tensors stored by other groups."""
+    """Read plans: each group's own data section, plus aligned ranges of tied tensors stored by other groups.
+
+    Every range read is checked against its digest on the group's first read; with ``verify``, on every read.
+    """
     sources = []
     for group in manifest.groups:
         own = align_up(group.data_bytes)
         segments = [Segment(group.path, group.data_offset, own, 0, group.data_bytes)]
         views = []
+        checksums = [Checksum(group.path, 0, group.data_bytes, group.data_digest)]
         cursor = own
         for member, canonical in group.members.items():
             home, entry = manifest.locate(canonical)
@@ -601,9 +605,10 @@ def _sources(manifest: Manifest, verify: bool) -> list[GroupSource]:
             needed = home.data_offset + entry.end - aligned
             segments.append(Segment(home.path, aligned, align_up(needed), cursor, needed))
             views.append(TensorView(member, cursor + start - aligned, entry.dtype, entry.shape))
+            nbytes = entry.end - entry.start
+            checksums.append(Checksum(home.path, cursor + start - aligned, nbytes, home.tensor_digests[canonical]))
             cursor += align_up(needed)
-        checksum = (0, group.data_bytes, group.sha256) if verify else None
-        sources.append(GroupSource(group.name, tuple(segments), cursor, tuple(views), checksum))
+        sources.append(GroupSource(group.name, tuple(segments), cursor, tuple(views), tuple(checksums), verify))
     return sources
 
 

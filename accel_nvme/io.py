@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .format import ALIGNMENT, GroupFileError
+from .format import ALIGNMENT, GroupFileError, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,16 @@ class FileReader:
             return self._fds[path]
 
     def _open(self, path: Path) -> tuple[int, bool]:
+        """Open without following a symlink or blocking on a FIFO; only a regular file is accepted."""
         if self.direct_io != "off":
             try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
-            except OSError as e:
-                if e.errno != errno.EINVAL or self.direct_io == "on":
+                return open_regular(path, flags=os.O_DIRECT), True
+            except GroupFileError as e:
+                cause = e.__cause__
+                if not isinstance(cause, OSError) or cause.errno != errno.EINVAL or self.direct_io == "on":
                     raise
                 logger.info("%s: filesystem refuses O_DIRECT, using buffered reads + fadvise(DONTNEED)", path)
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        return open_regular(path), False
 
     def submit(self, segments: list[Segment], buffer: StagingBuffer) -> list[Future]:
         """Queue the reads of ``segments`` into ``buffer``; each future raises naming the file on failure.
@@ -135,7 +137,7 @@ class FileReader:
     def _is_direct(self, path: Path) -> bool:
         try:
             return self._fd(path)[1]
-        except OSError:
+        except (OSError, GroupFileError):
             return True  # the read reports the error, naming the file
 
     def _read_in_order(self, path: Path, requests: list[tuple[int, int, int, int]], buffer: StagingBuffer) -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
@@ -19,9 +17,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .format import DTYPE_TO_SAFETENSORS, GroupFileError, align_up, read_layout
+from .format import (
+    DIGEST_NAME,
+    DTYPE_TO_SAFETENSORS,
+    GroupFileError,
+    align_up,
+    new_digest,
+    open_regular,
+    parse_json,
+    read_layout,
+)
 from .prefetch import spread_resident
-from .store import FOLDER_PREFIX, MANIFEST_NAME, StoreError, load_manifest
+from .store import (
+    CLEAN_ADVICE,
+    FOLDER_PREFIX,
+    GROUP_FILE,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    StoreError,
+    load_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +118,20 @@ def _disk_bytes(path: Path) -> int:
 
 
 def _manifest_json(folder: Path) -> dict | None:
-    """The manifest as JSON, or None when it is missing or unreadable."""
+    """The manifest as JSON, or None when it is missing, unreadable or not an object (never through a symlink)."""
     try:
-        raw = json.loads((folder / MANIFEST_NAME).read_bytes())
-    except (OSError, ValueError):
+        with open(open_regular(folder / MANIFEST_NAME), "rb") as f:
+            raw = parse_json(f.read(MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
     return raw if isinstance(raw, dict) else None
 
 
-def _group_info(path: Path, name: str | None) -> dict:
-    info = {"name": name, "file": path.name, "data_bytes": None, "dtypes": [], "tensors": None, "problem": None}
+def _group_info(folder: Path, file: str, name: str | None) -> dict:
+    info = {"name": name, "file": file, "data_bytes": None, "dtypes": [], "tensors": None, "problem": None}
+    if not GROUP_FILE.fullmatch(file):
+        return {**info, "problem": "not a group file name of this folder"}
+    path = folder / file
     try:
         layout = read_layout(path)
     except (GroupFileError, OSError) as e:
@@ -124,10 +143,10 @@ def _group_info(path: Path, name: str | None) -> dict:
 def _inspect_model(folder: Path, resident_budget: int) -> dict:
     raw = _manifest_json(folder)
     try:
-        listed = [(str(g["name"]), str(g["file"])) for g in raw["groups"]]
+        listed = [(str(g["name"])[:200], str(g["file"])[:200]) for g in raw["groups"]]
     except (KeyError, TypeError):
         listed = [(None, p.name) for p in sorted(folder.glob("group-*.safetensors"))]
-    groups = [_group_info(folder / file, name) for name, file in listed]
+    groups = [_group_info(folder, file, name) for name, file in listed]
     resident = spread_resident([align_up(g["data_bytes"] or 0) for g in groups], resident_budget)
     for index, group in enumerate(groups):
         group["resident"] = index in resident
@@ -139,8 +158,8 @@ def _inspect_model(folder: Path, resident_budget: int) -> dict:
     fingerprint = raw.get("fingerprint") if raw else None
     return {
         "folder": str(folder),
-        "fingerprint": fingerprint or folder.name.removeprefix(FOLDER_PREFIX),
-        "version": raw.get("version") if raw else None,
+        "fingerprint": str(fingerprint or folder.name.removeprefix(FOLDER_PREFIX))[:200],
+        "version": raw.get("version") if raw and isinstance(raw.get("version"), int) else None,
         "complete": problem is None,
         "problem": problem,
         "groups": groups,
@@ -219,11 +238,11 @@ def format_inspect(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _data_sha256(path: Path, offset: int, length: int) -> str:
-    """SHA-256 of ``length`` bytes at ``offset``, read in chunks, each dropped from the page cache once hashed."""
-    digest = hashlib.sha256()
+def _data_digest(path: Path, offset: int, length: int) -> str:
+    """Digest of ``length`` bytes at ``offset``, read in chunks, each dropped from the page cache once hashed."""
+    hasher = new_digest()
     view = memoryview(bytearray(CHUNK_BYTES))
-    with open(path, "rb", buffering=0) as f:
+    with open(open_regular(path), "rb", buffering=0) as f:
         fd = f.fileno()
         f.seek(offset)
         position, end = offset, offset + length
@@ -231,66 +250,58 @@ def _data_sha256(path: Path, offset: int, length: int) -> str:
             n = f.readinto(view[: min(CHUNK_BYTES, end - position)])
             if not n:
                 raise GroupFileError(f"{path}: ends at byte {position}, its header says data runs to {end}")
-            digest.update(view[:n])
+            hasher.update(view[:n])
             os.posix_fadvise(fd, position, n, os.POSIX_FADV_DONTNEED)
             position += n
         os.posix_fadvise(fd, 0, offset, os.POSIX_FADV_DONTNEED)
-    return digest.hexdigest()
+    return hasher.hexdigest()
 
 
 def _problem(file: Path, error: Exception) -> Problem:
     return Problem(file, str(error).removeprefix(f"{file}: "))
 
 
-def _verify_group(folder: Path, entry: dict) -> Problem | None:
-    """Check one group file's header against its manifest entry, then the SHA-256 of its whole data section."""
-    path = folder / entry["file"]
-    try:
-        layout = read_layout(path)
-        if (layout.data_offset, layout.data_bytes) != (entry["data_offset"], entry["data_bytes"]):
-            return Problem(
-                path,
-                f"header puts {layout.data_bytes} data bytes at offset {layout.data_offset}, the manifest says "
-                f"{entry['data_bytes']} at {entry['data_offset']}",
-            )
-        digest = _data_sha256(path, layout.data_offset, layout.data_bytes)
-    except (GroupFileError, OSError) as e:
-        return _problem(path, e)
-    if digest != entry["sha256"]:
-        return Problem(path, f"data SHA-256 is {digest}, the manifest records {entry['sha256']} (damaged data)")
-    return None
+def _problem_in(folder: Path, error: Exception) -> Problem:
+    """A problem naming the file inside ``folder`` that the error's message starts with, else the folder."""
+    named = Path(str(error).split(": ", 1)[0])
+    return _problem(named if named.parent == folder else folder, error)
 
 
 def _verify_model(folder: Path) -> list[Problem]:
+    """Check a model folder as a load would (ownership, manifest digest, headers), then every data section's digest."""
     manifest_path = folder / MANIFEST_NAME
-    try:
-        raw = json.loads(manifest_path.read_bytes())
-    except FileNotFoundError:
+    if not os.path.lexists(manifest_path) and os.path.isdir(folder) and not os.path.islink(folder):
         count = len(list(folder.glob("group-*.safetensors")))
         return [
             Problem(manifest_path, f"missing ({count} group file(s) present): the folder is incomplete, never used")
         ]
-    except OSError as e:
-        return [_problem(manifest_path, e)]
-    except ValueError as e:
-        return [Problem(manifest_path, f"not valid JSON ({e})")]
     try:
-        problems = [p for g in raw["groups"] if (p := _verify_group(folder, g))]
-    except (KeyError, TypeError) as e:
-        return [Problem(manifest_path, f"malformed manifest ({e!r})")]
-    if not problems:
+        manifest = load_manifest(folder)
+    except (StoreError, ValueError, OSError) as e:
+        return [_problem_in(folder, e)]
+    problems = []
+    for group in manifest.groups:
         try:
-            load_manifest(folder)
-        except (StoreError, ValueError) as e:
-            problems.append(_problem(manifest_path, e))
+            actual = _data_digest(group.path, group.data_offset, group.data_bytes)
+        except (GroupFileError, OSError) as e:
+            problems.append(_problem(group.path, e))
+            continue
+        if actual != group.data_digest:
+            problems.append(
+                Problem(
+                    group.path,
+                    f"data {DIGEST_NAME} digest is {actual}, the manifest records {group.data_digest} "
+                    f"(damaged or replaced data): {CLEAN_ADVICE}",
+                )
+            )
     return problems
 
 
 def verify_folder(path: str | os.PathLike) -> list[Problem]:
     """Re-read every group file of every model folder under ``path`` in full; an empty list means all is sound.
 
-    Checks each header against the manifest's ``data_offset``/``data_bytes`` and each data section's SHA-256 against
-    its ``sha256``; reports missing or truncated files, damaged bytes, a manifest that is not JSON or is missing.
+    Checks what a load checks (folder private to this user, manifest digest, group file names, each header against
+    its digest) and each data section against its digest; reports missing, truncated, replaced or damaged files.
     """
     path = Path(os.path.abspath(path))
     contents = _scan(path)
@@ -304,7 +315,7 @@ def _holding(locks: list[Path]) -> Iterator[None]:
     """Hold every lock, so no writer works on a folder while it is removed; refuse when one is taken."""
     with contextlib.ExitStack() as stack:
         for lock in locks:
-            fd = os.open(lock, os.O_RDONLY)
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             stack.callback(os.close, fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,17 +13,17 @@ allocator does not reuse it before the compute stream is done with it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .format import GroupFileError
+from .format import GroupFileError, digest
 from .io import FileReader, Segment, StagingBuffer
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,28 @@ class TensorView:
 
 
 @dataclass(frozen=True)
+class Checksum:
+    """``length`` bytes at ``offset`` of a group's buffer must have ``digest``; they come from ``path``."""
+
+    path: Path
+    offset: int
+    length: int
+    digest: str
+
+
+@dataclass(frozen=True)
 class GroupSource:
-    """How to bring one group into a buffer: the segments to read, the views to take, the checksum to verify."""
+    """How to bring one group into a buffer: the segments to read, the views to take, the checksums to verify.
+
+    Checksums are verified on the group's first read, and on every read when ``verify_every_read``.
+    """
 
     name: str
     segments: tuple[Segment, ...]
     nbytes: int
     views: tuple[TensorView, ...]
-    checksum: tuple[int, int, str] | None = None
+    checksums: tuple[Checksum, ...] = ()
+    verify_every_read: bool = False
 
 
 @dataclass
@@ -165,6 +179,7 @@ class Prefetcher:
         self._closed = False
         self._attached = 0
         self._resident: dict[int, _Slot] = {}
+        self._verified: set[int] = set()
         try:
             for index, where in (resident or {}).items():
                 self._resident[index] = self._load_resident(sources[index], on_device=where == "device")
@@ -412,16 +427,17 @@ class Prefetcher:
                 self._cond.notify_all()
 
     def _verify(self, slot: _Slot) -> None:
-        if slot.source.checksum is None:
+        source = slot.source
+        if id(source) in self._verified and not source.verify_every_read:
             return
-        offset, length, expected = slot.source.checksum
-        actual = hashlib.sha256(slot.buffer.view[offset : offset + length]).hexdigest()
-        if actual != expected:
-            path = slot.source.segments[0].path
-            raise GroupFileError(
-                f"{path}: SHA-256 of the data is {actual}, the manifest says {expected}; the file is damaged "
-                "(run `accel-nvme verify`, or delete the folder to have it rewritten)"
-            )
+        for check in source.checksums:
+            if digest(slot.buffer.view[check.offset : check.offset + check.length]) != check.digest:
+                raise GroupFileError(
+                    f"{check.path}: {check.length} bytes read for group {source.name!r} do not match their digest in "
+                    "the manifest; the file is damaged or was replaced: run `accel-nvme verify` on the folder, then "
+                    "`accel-nvme clean` it (or delete it) to have it rewritten"
+                )
+        self._verified.add(id(source))
 
     def _copy_to_device(self, slot: _Slot) -> None:
         with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):

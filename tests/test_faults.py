@@ -367,7 +367,7 @@ def test_disk_filled_by_another_writer_during_the_write_is_a_store_error_never_s
         deadline = time.monotonic() + 120
         while worker.poll() is None and time.monotonic() < deadline:
             if any(".tmp-" in name for name in os.listdir(root)):
-                with open(root / "filler", "wb") as f:
+                with open(root / "filler", "wb", buffering=0) as f:
                     try:
                         while True:
                             f.write(b"\xff" * (1 << 20))

@@ -12,7 +12,7 @@ from accel_nvme.io import FileReader, Segment, StagingBuffer
 
 def group_file(folder, n=300_000, seed=0):
     tensor = torch.randn(n, generator=torch.Generator().manual_seed(seed))
-    layout, _ = write_group(folder / "g.safetensors", {"w": tensor})
+    layout = write_group(folder / "g.safetensors", {"w": tensor}).layout
     return folder / "g.safetensors", layout, tensor
 
 

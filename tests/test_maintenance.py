@@ -47,7 +47,7 @@ def test_inspect_shows_groups_sizes_dtypes_and_fingerprint(offload_dir, capsys):
     assert report["kind"] == "offload folder"
     (model,) = report["models"]
     assert model["fingerprint"] == folder.name.removeprefix(FOLDER_PREFIX)
-    assert model["version"] == 1 and model["complete"] and model["foreign"] == []
+    assert model["version"] == 2 and model["complete"] and model["foreign"] == []
     assert [g["file"] for g in model["groups"]] == [f"group-0000{i}.safetensors" for i in range(3)]
     assert [(g["data_bytes"], g["dtypes"], g["tensors"]) for g in model["groups"]] == [(LINEAR_BYTES, ["F32"], 2)] * 3
     assert model["total_bytes"] == 3 * LINEAR_BYTES
@@ -67,7 +67,8 @@ def test_inspect_one_model_folder_lists_every_dtype(offload_dir, monkeypatch):
     report = inspect_folder(".")
     assert report["kind"] == "model folder" and report["path"] == str(manifest.folder)
     (group,) = report["models"][0]["groups"]
-    assert (group["name"], group["dtypes"], group["tensors"], group["data_bytes"]) == ("block", ["BF16", "F32"], 2, 48)
+    # b (16 bytes), 48 bytes of padding, then w at 64
+    assert (group["name"], group["dtypes"], group["tensors"], group["data_bytes"]) == ("block", ["BF16", "F32"], 2, 96)
     assert [e["kind"] for e in report["leftovers"]] == ["lock"]
 
 
@@ -105,7 +106,7 @@ def test_verify_names_the_file_with_a_flipped_data_byte(offload_dir, capsys):
     victim = folder / "group-00001.safetensors"
     flip_byte(victim, group_manifest(folder, 1)["data_offset"] + 5)
     (problem,) = verify_folder(offload_dir)
-    assert problem.file == victim and "SHA-256" in problem.message
+    assert problem.file == victim and "digest" in problem.message
     assert run_command("verify", offload_dir) == 1
     assert str(victim) in capsys.readouterr().out
 
