@@ -237,20 +237,19 @@ def test_clip_text_and_image_features(entry, tier, models_folder, tmp_path):
         assert torch.equal(offloaded_image, image)
 
 
-def group_sizes(offload: Path) -> list[int]:
-    """Data bytes of every group file under ``offload``, as ``accel-nvme inspect`` lists them."""
-    return [group["data_bytes"] for model in inspect_folder(offload)["models"] for group in model["groups"]]
-
-
 @pytest.mark.parametrize("name", SPECS)
 def test_whole_model_map_streams_block_by_block(name, models_folder, tmp_path):
     """``{"": "nvme"}`` keeps the RAM bound: the largest group is one block, not the model."""
     case = saved(name, models_folder)
     model = load(case, "whole", "nvme", tmp_path / "offload")
-    sizes = group_sizes(tmp_path / "offload")
-    blocks = [module for module in case.model.modules() if type(module).__name__ in case.no_split()]
-    largest_block = max((compute_module_sizes(b)[""] for b in blocks), default=0)
-    assert accel_nvme.stats(model).groups == len(sizes) > 1
-    assert max(sizes) <= max(largest_block, case.size // 2), (
-        f"{name}: largest group {max(sizes)} B of {case.size} B; largest block {largest_block} B"
-    )
+    groups = {
+        group["name"]: group["data_bytes"] for group in inspect_folder(tmp_path / "offload")["models"][0]["groups"]
+    }
+    nested = [name for name, module in case.model.named_modules() if type(module).__name__ in case.no_split()]
+    blocks = [b for b in nested if not any(b.startswith(f"{outer}.") for outer in nested)]  # outermost only
+    assert accel_nvme.stats(model).groups == len(groups) > 1
+    largest = max(groups, key=groups.get)
+    assert groups[largest] < case.size / 2, f"{name}: group {largest!r} holds {groups[largest]} B of {case.size} B"
+    for group in groups:
+        inside = [block for block in blocks if group == "" or block == group or block.startswith(f"{group}.")]
+        assert len(inside) <= 1, f"{name}: group {group!r} holds {len(inside)} blocks ({inside[:3]}, ...)"
