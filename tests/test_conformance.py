@@ -22,6 +22,8 @@ from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import compute_module_sizes
 from conformance_models import SPECS, Spec
 from safetensors.torch import save_model
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 import accel_nvme
 from accel_nvme.maintenance import inspect_folder
@@ -161,11 +163,43 @@ def assert_offloaded(model: torch.nn.Module, tier: str) -> None:
         assert any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks), "nothing offloaded to disk"
 
 
-def assert_exact(case: Saved, model: torch.nn.Module, what: str) -> None:
+class WeightAlignment(TorchFunctionMode):
+    """Records every CPU parameter an op reads at an address that is not 64-byte aligned (issue items 4 and 5).
+
+    CPU kernels may give other bits for the same weights at another alignment; torch's allocator aligns to 64.
+    A read is "streamed" when its address is none of the model's CPU parameters at rest (before the forward).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.at_rest = {p.data_ptr() for p in model.parameters() if p.device.type == "cpu"}
+        self.misaligned: list[tuple[str, tuple[int, ...], int, bool]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for value in tree_leaves((args, kwargs or {})):
+            if isinstance(value, torch.nn.Parameter) and value.device.type == "cpu" and value.data_ptr() % 64:
+                op, streamed = getattr(func, "__name__", str(func)), value.data_ptr() not in self.at_rest
+                self.misaligned.append((op, tuple(value.shape), value.data_ptr() % 64, streamed))
+        return func(*args, **(kwargs or {}))
+
+
+def assert_exact(case: Saved, model: torch.nn.Module, what: str, resident_aligned: bool | None = None) -> None:
+    """Outputs equal the model in RAM under no_grad and with grad.
+
+    With ``resident_aligned`` not None (the nvme tier), every streamed weight is read 64-byte aligned, and so is
+    every weight kept in RAM when ``resident_aligned`` (transformers' own loading leaves those as views into the
+    mapped checkpoint, on the disk tier too).
+    """
     spec = case.spec
-    with torch.no_grad():
+    with torch.no_grad(), WeightAlignment(model) as alignment:
         out = spec.run(model, spec.inputs())
     assert torch.equal(out, case.expected), f"{spec.name} {what} under no_grad: max diff {_diff(out, case.expected)}"
+    if resident_aligned is not None:
+        wrong = [read for read in alignment.misaligned if read[3] or resident_aligned]
+        assert not wrong, (
+            f"{spec.name} {what}: {len(wrong)} weight reads not 64-byte aligned, first (op, shape, address % 64, "
+            f"streamed): {wrong[0]}"
+        )
     with torch.enable_grad():
         out = spec.run(model, spec.inputs()).detach()
     expected = case.expected_with_grad
@@ -196,7 +230,8 @@ def test_outputs_equal_the_model_in_ram(name, entry, tier, models_folder, tmp_pa
     with as_recorded(name, entry, tier):
         model = load(case, entry, tier, tmp_path / "offload")
         assert_offloaded(model, tier)
-        assert_exact(case, model, f"{entry}/{tier}")
+        resident_aligned = not (case.spec.library == "transformers" and entry in BUDGETS)
+        assert_exact(case, model, f"{entry}/{tier}", resident_aligned if tier == "nvme" else None)
 
 
 GENERATE = [name for name, spec in SPECS.items() if spec.generate]
