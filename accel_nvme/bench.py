@@ -20,7 +20,6 @@ import logging
 import mmap
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -653,7 +652,7 @@ def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path,
         peak_reset = _reset_peak_rss()
         stream, residency = _nvme_stream(forward) if is_nvme(mode) else (None, None)
         batches, outputs = [], {}
-        for batch in config.batches:
+        for batch in config.batches[:1] if mode in RAW_MODES else config.batches:  # a read is the same at any batch
             x = make_input(config, batch)
             forward(x)  # warm-up: the code paths of this batch size are paged in before drop_caches runs
             drop = functools.partial(_drop_and_record, folders, drops)
@@ -685,8 +684,8 @@ def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path,
         "rss_after_setup_mb": rss_after_setup,
         "forward_peak_rss_mb": forward_peak,
         "rss_above_setup_mb": None if forward_peak is None else forward_peak - rss_after_setup,
-        # the reset above also lowers ru_maxrss, so the process peak takes the peak of the setup into account
-        "peak_rss_mb": max(setup_peak, forward_peak or 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so it starts at the bench's own RSS
+        "peak_rss_mb": max(setup_peak, forward_peak or _proc_status_mb("VmHWM") or 0.0),
         "page_cache_drop": _summarize_drops(drops),
         "diffusers_offload_type": DIFFUSERS_OFFLOAD_TYPE if mode == "diffusers_disk" else None,
         "nvme_residency": residency,
@@ -707,10 +706,6 @@ def _summarize_drops(drops: list[dict[str, float | None]]) -> dict[str, dict[str
 
 
 def _worker_main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["ballast"]:
-        _ballast_main(int(argv[1]), int(argv[2]))
-        return
     parser = argparse.ArgumentParser(description="One accel-nvme bench mode (started by `accel-nvme bench`).")
     parser.add_argument("--mode", required=True, help="one of MODES, or nvme_resident_<percent>")
     parser.add_argument("--config", required=True, help="BenchConfig as JSON")
@@ -776,18 +771,17 @@ def _ballast_main(free_bytes: int, parent_pid: int) -> None:
     chunks: list[mmap.mmap] = []
 
     def adjust() -> None:
-        excess = _meminfo_available() - free_bytes
-        while excess >= PAGE:
-            size = min(BALLAST_CHUNK_BYTES, excess - excess % PAGE)
-            chunk = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            with suppress(OSError, AttributeError):
-                chunk.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults to fill it
-            chunk.write(fill[:size])  # touched: every page is resident, not a promise
-            chunks.append(chunk)
+        for _ in range(100_000):  # measured again after each step: other processes allocate and free meanwhile
             excess = _meminfo_available() - free_bytes
-        while chunks and excess < -BALLAST_CHUNK_BYTES // 2:
-            excess += len(chunks[-1])
-            chunks.pop().close()
+            if excess >= BALLAST_CHUNK_BYTES // 4:
+                size = min(BALLAST_CHUNK_BYTES, excess - excess % PAGE)
+                chunk = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                chunk.write(fill[:size])  # touched: every page is resident, not a promise
+                chunks.append(chunk)
+            elif chunks and excess < -BALLAST_CHUNK_BYTES // 2:
+                chunks.pop().close()
+            else:
+                break
         print(sum(len(c) for c in chunks), _meminfo_available(), flush=True)
 
     adjust()
@@ -807,7 +801,9 @@ class Ballast:
     def __init__(self, free_bytes: int):
         self.check(free_bytes, _meminfo_available())
         self.free_bytes = free_bytes
-        command = [sys.executable, "-m", "accel_nvme.bench", "ballast", str(free_bytes), str(os.getpid())]
+        # this file alone, not the package (which imports torch): the ballast's own RSS stays a few MB
+        run = "import runpy, sys; runpy.run_path(sys.argv[1])['_ballast_main'](int(sys.argv[2]), int(sys.argv[3]))"
+        command = [sys.executable, "-c", run, __file__, str(free_bytes), str(os.getpid())]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env()
         )
@@ -1017,10 +1013,11 @@ def _compare_outputs(result: dict, outputs: Path, reference: Path | None) -> Non
 
 
 def _time(results: list[dict], mode: str, batch: int, key: str = "min_s") -> float | None:
-    """``key`` of ``mode`` at ``batch``, or None when the mode did not run."""
+    """``key`` of ``mode`` at ``batch`` (a raw read: at any batch, it is measured once), or None when it did not run."""
     for r in results:
         if r["mode"] == mode and r["status"] == "ok":
-            return next((e[key] for e in r["batches"] if e["batch"] == batch), None)
+            entries = [e for e in r["batches"] if e["batch"] == batch or mode in RAW_MODES]
+            return entries[0][key] if entries else None
     return None
 
 
@@ -1385,7 +1382,7 @@ def _rows(report: dict) -> list[tuple[str, ...]]:
             rows.append(
                 (
                     r["mode"] + (" (whole machine)" if r.get("squeezed") is False else ""),
-                    str(e["batch"]),
+                    "any" if r["mode"] in RAW_MODES else str(e["batch"]),
                     _pair(e["min_s"], e["median_s"], ".3f"),
                     f"{e['gb_per_s']:.2f}",
                     _pair(e["warm_min_s"], e["warm_median_s"], ".3f"),

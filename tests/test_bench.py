@@ -100,10 +100,11 @@ def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(tmp_path):
     assert set(statuses) == set(bench.MODES)
     assert set(statuses.values()) == {"ok"}, [m.get("error") for m in report["modes"]]  # none killed, none failed
     squeeze = report["squeeze"]
-    assert squeeze["free_ram_bytes"] == free and squeeze["held_at_start_bytes"] > BALLAST_BYTES / 2
+    assert squeeze["free_ram_bytes"] == free and squeeze["held_at_start_bytes"] > 0
     assert set(squeeze["modes"]) == set(bench.MODES) - {"ram"}  # the reference runs before the squeeze
-    for mode, held in squeeze["modes"].items():
-        assert abs(held["available_bytes"] - free) < 256 << 20, mode
+    for mode, held in squeeze["modes"].items():  # the ballast gives back what others took, while it holds some
+        assert held["available_bytes"] < free + (512 << 20), (mode, held)
+        assert held["held_bytes"] == 0 or abs(held["available_bytes"] - free) < 512 << 20, (mode, held)
     modes = {m["mode"]: m for m in report["modes"]}
     assert modes["ram"]["squeezed"] is False and modes["nvme_auto"]["squeezed"] is True
     for mode in ("accelerate_disk", "diffusers_disk", "nvme", "nvme_auto"):
