@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -568,11 +569,12 @@ def _skip_reason(mode: str) -> str | None:
 @dataclass
 class _Forwards:
     """What ``count`` timed forwards gave: times (s), page-cache growth (MiB; system-wide, and of the mode's own
-    files), outputs, and for nvme modes the bytes streamed and the seconds the compute waited for a group."""
+    files), major page faults, outputs, and for nvme modes the bytes streamed and the seconds spent waiting for I/O."""
 
     times: list[float]
     growth: list[float]
     file_growth: list[float]
+    major_faults: list[int]
     outputs: list
     streamed: list[int]
     stalls: list[float]
@@ -588,16 +590,18 @@ def _timed_forwards(
 ) -> _Forwards:
     """``count`` forwards, each after ``drop()`` when given; ``folders`` hold the mode's files; ``stream()`` gives
     nvme's running (bytes read, stalls)."""
-    done = _Forwards([], [], [], [], [], [])
+    done = _Forwards([], [], [], [], [], [], [])
     for _ in range(count):
         if drop is not None:
             drop()
         files = files_cached_bytes(folders)
         cached = meminfo_cached_mb()
         before = stream() if stream else None
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         t0 = time.perf_counter()
         done.outputs.append(forward(x))
         done.times.append(time.perf_counter() - t0)
+        done.major_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults)
         done.growth.append(meminfo_cached_mb() - cached)
         done.file_growth.append((files_cached_bytes(folders) - files) / (1 << 20))
         if stream and before:
@@ -669,6 +673,7 @@ def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path,
                 "warm_page_cache_growth_mb": warm.growth,
                 "file_cache_growth_mb": cold.file_growth,
                 "warm_file_cache_growth_mb": warm.file_growth,
+                "major_faults": cold.major_faults + warm.major_faults,  # pages read back from disk (thrashing)
                 "stable": all(torch.equal(ys[0], y) for y in ys),
             }
             if stream is not None:

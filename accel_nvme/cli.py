@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=16, help="number of Linear layers (default 16)")
     b.add_argument("--hidden", type=int, help="hidden size (default 4096)")
     b.add_argument("--batch", type=_positive_ints, help="batch sizes (default 16,128 squeezed, else 64,512)")
-    b.add_argument("--forwards", type=int, help="timed cold forwards per batch (default 2 squeezed, else 3)")
+    b.add_argument("--forwards", type=int, help="timed cold forwards per batch (default 1 squeezed, else 3)")
     b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.add_argument("--modes", type=_modes, default=bench.MODES, help=f"default: {','.join(bench.MODES)}")

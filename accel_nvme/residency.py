@@ -2,7 +2,8 @@
 
 ``"auto"`` takes the memory free at dispatch (host: ``MemAvailable``; CUDA: ``cudaMemGetInfo``'s free bytes), less the
 staging buffers the stream will allocate and a stated headroom, so as much of the model as possible stays loaded
-without pushing the process into swap or the OOM killer.
+without pushing the process into swap, the OOM killer, or re-reading its own code from disk (host: ``MemAvailable``
+counts the process's own file-backed pages, its libraries, as reclaimable; the headroom keeps them).
 """
 
 from __future__ import annotations
@@ -21,14 +22,27 @@ AUTO_HEADROOM_BYTES = 256 << 20  # activations, outputs and the interpreter's ow
 AUTO_HEADROOM_SHARE = 0.05  # plus this share of the free memory, so other processes keep some room on big machines
 
 
-def auto_headroom(free: int) -> int:
-    """Memory ``"auto"`` leaves free beyond the staging buffers: 256 MiB plus 5 % of ``free``."""
-    return AUTO_HEADROOM_BYTES + int(free * AUTO_HEADROOM_SHARE)
+def auto_headroom(free: int, own_files: int = 0) -> int:
+    """Memory ``"auto"`` leaves free beyond the staging buffers: 256 MiB, 5 % of ``free`` and ``own_files`` (the
+    process's resident file-backed pages, which ``free`` counts as reclaimable though the process runs from them)."""
+    return AUTO_HEADROOM_BYTES + int(free * AUTO_HEADROOM_SHARE) + own_files
 
 
-def resident_budget(budget: int | str, free: int, staging: int) -> int:
-    """A budget in bytes; ``"auto"`` is ``free`` less the staging buffers and ``auto_headroom(free)``."""
-    return max(0, free - staging - auto_headroom(free)) if budget == "auto" else budget
+def resident_budget(budget: int | str, free: int, staging: int, own_files: int = 0) -> int:
+    """A budget in bytes; ``"auto"`` is ``free`` less the staging buffers and ``auto_headroom(free, own_files)``."""
+    return max(0, free - staging - auto_headroom(free, own_files)) if budget == "auto" else budget
+
+
+def own_file_pages() -> int:
+    """Bytes of this process's resident file-backed pages (``RssFile`` of /proc/self/status; 0 where absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def choose_resident(sources: list[GroupSource], config: NvmeConfig, device: torch.device) -> dict[int, str]:
@@ -40,14 +54,14 @@ def choose_resident(sources: list[GroupSource], config: NvmeConfig, device: torc
         budget = resident_budget(config.device_resident_budget, torch.cuda.mem_get_info(device)[0], staging)
         resident.update(dict.fromkeys(spread_resident(sizes, budget), "device"))
     if config.resident_budget:
-        free = psutil.virtual_memory().available
-        budget = resident_budget(config.resident_budget, free, staging)
+        free, own_files = psutil.virtual_memory().available, own_file_pages()
+        budget = resident_budget(config.resident_budget, free, staging, own_files)
         if config.resident_budget == "auto":
             logger.info(
                 "resident_budget auto: %.2f GB available - %.2f GB staging - %.2f GB headroom = %.2f GB",
                 free / 1e9,
                 staging / 1e9,
-                auto_headroom(free) / 1e9,
+                auto_headroom(free, own_files) / 1e9,
                 budget / 1e9,
             )
         rest = [0 if i in resident else size for i, size in enumerate(sizes)]

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import accel_nvme
-from accel_nvme.residency import AUTO_HEADROOM_BYTES, auto_headroom, resident_budget
+from accel_nvme.residency import AUTO_HEADROOM_BYTES, auto_headroom, own_file_pages, resident_budget
 
 GB = 1_000_000_000
 
@@ -14,6 +14,13 @@ def test_auto_is_the_free_memory_less_staging_and_headroom():
     assert resident_budget("auto", 4 * GB, 300_000_000) == 4 * GB - 300_000_000 - auto_headroom(4 * GB)
     # the squeezed regime of the bench: ~0.85 GB free in the worker, three 51 MB staging buffers
     assert 0.35 * GB < resident_budget("auto", 850_000_000, 154_000_000) < 0.45 * GB
+
+
+def test_auto_keeps_the_process_own_file_pages_free():
+    own = own_file_pages()
+    assert own > 1 << 20  # the interpreter and torch's libraries run from mapped files
+    assert auto_headroom(4 * GB, own) == auto_headroom(4 * GB) + own
+    assert resident_budget("auto", 4 * GB, 0, own) == resident_budget("auto", 4 * GB, 0) - own
 
 
 def test_auto_never_goes_negative_and_sizes_pass_through():
