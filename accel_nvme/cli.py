@@ -15,7 +15,7 @@ SQUEEZE_DEFAULTS = {
     "free_ram": 1_200_000_000,
     "size": 2_000_000_000,
     "batches": (16, 128),
-    "forwards": 2,
+    "forwards": 1,
     "warm_forwards": 3,
 }
 PLAIN_DEFAULTS = {"size": None, "batches": (64, 512), "forwards": 3, "warm_forwards": 2}
