@@ -1500,6 +1500,12 @@ def _import_pyplot():
     return plt
 
 
+def _plot_label(result: dict) -> str:
+    if result["mode"] in RAW_MODES:
+        return f"{result['mode']}\n(read only)"
+    return f"{result['mode']}\n(whole machine)" if result.get("squeezed") is False else result["mode"]
+
+
 def _regime_text(report: dict) -> str:
     squeeze = report.get("squeeze")
     return f", squeezed to {squeeze['free_ram_bytes'] / 1e9:.1f} GB free RAM" if squeeze else ""
@@ -1541,7 +1547,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
         ):
             if value:
                 ax.axvline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label}: {value:.2f} s")
-        ax.set_yticks(list(y), [f"{m}\n(read only)" if m in RAW_MODES else m for m in modes])
+        ax.set_yticks(list(y), [_plot_label(r) for r in results])
         ax.invert_yaxis()
         ax.set_xlim(0, top * 1.15)
         ax.set_xlabel("seconds per forward (min) — shorter is better")
@@ -1561,10 +1567,14 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     for k, (label, values, color) in enumerate(series):
         bars = ax.bar([i + (k - 1) * 0.27 for i in range(len(ok))], values, 0.27, label=label, color=color)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(ok)), [r["mode"] for r in ok])
+    ax.set_xticks(range(len(ok)), [_plot_label(r) for r in ok])
     ax.set_ylabel("MB")
+    squeeze = report.get("squeeze")
+    if squeeze:
+        free_mb = squeeze["free_ram_bytes"] / (1 << 20)
+        ax.axhline(free_mb, color="black", linestyle="--", linewidth=1.2, label=f"RAM available: {free_mb:.0f} MB")
     ax.set_title(f"memory per mode, MB (lower is better){_regime_text(report)}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, fontsize=8)
     for col, batch in enumerate(batches if sweep else ()):
         ax = fig.add_subplot(grid[2, col])
         shares = [int(share) for share in sweep]
