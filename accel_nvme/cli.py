@@ -66,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--free-ram",
         type=parse_size,
-        default=SQUEEZE_DEFAULTS["free_ram"],
         help="leave only this much RAM available while the modes run: a ballast process holds the rest (default"
         " 1.2GB, with a 2GB model: the regime the nvme tier exists for)",
     )
@@ -145,6 +144,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     warm_forwards = defaults["warm_forwards"] if args.warm_forwards is None else args.warm_forwards
     if args.size is not None and args.hidden is not None:
         parser.error("give --size or --hidden, not both")
+    if args.no_squeeze and args.free_ram is not None:
+        parser.error("give --free-ram or --no-squeeze, not both")
     if args.layers < 1 or forwards < 1 or warm_forwards < 0:
         parser.error("--layers and --forwards must be at least 1, --warm-forwards at least 0")
     hidden = bench.hidden_for_size(size, args.layers) if size is not None else args.hidden or 4096
@@ -165,7 +166,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             plot_path=args.plot,
             warm_forwards=warm_forwards,
             from_pretrained=args.from_pretrained,
-            free_ram=None if args.no_squeeze else args.free_ram,
+            free_ram=None if args.no_squeeze else args.free_ram or defaults["free_ram"],
         )
     except bench.BallastError as e:
         parser.exit(2, f"accel-nvme bench: {e}\n")
