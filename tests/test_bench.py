@@ -113,7 +113,8 @@ def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(tmp_path):
     assert "squeezed: a ballast process held" in result.stdout
 
 
-def test_killed_bench_takes_its_ballast_and_worker_with_it(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_stopped_bench_takes_its_ballast_and_worker_with_it(tmp_path, sig):
     cmd, _ = _squeezed_options(tmp_path, tmp_path / "bench.json")
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
@@ -125,10 +126,12 @@ def test_killed_bench_takes_its_ballast_and_worker_with_it(tmp_path):
         assert pid is not None, "the bench never started its ballast"
         time.sleep(1.0)  # the worker starts right after the line
         workers = [p.pid for p in psutil.Process(process.pid).children() if p.pid != pid]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        assert _gone(pid), f"the ballast (pid {pid}) outlived the killed bench"
-        assert all(_gone(w) for w in workers), "a worker outlived the killed bench"
+        os.kill(process.pid, sig)
+        assert process.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+        assert _gone(pid), f"the ballast (pid {pid}) outlived the stopped bench"
+        assert all(_gone(w) for w in workers), "a worker outlived the stopped bench"
+        if sig == signal.SIGINT:  # Ctrl-C also cleans up the temporary folder
+            assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []
     finally:
         if process.poll() is None:
             process.kill()
