@@ -5,6 +5,9 @@ the mode's own, compares every worker's outputs with the all-in-RAM model and re
 page-cache growth, the ratios the design measures against (raw read speed, accelerate and diffusers disk) and a
 recommendation: nvme, or the page cache when the model fits in free RAM and buffered reads win once warm.
 
+With ``free_ram`` (``accel-nvme bench --free-ram``, the default) a ``Ballast`` process holds all but that much of the
+available RAM while the modes run, so they meet the regime the nvme tier exists for: a model bigger than free RAM.
+
 Two synthetic models: a Sequential of fp32 Linear layers built in RAM (``linear``), or, when the model does not fit in
 RAM or ``from_pretrained`` is asked for, a Llama checkpoint written shard by shard and loaded with
 ``from_pretrained(..., offload_backend="nvme")`` (``llama``). See docs/bench.md.
