@@ -5,6 +5,9 @@ the mode's own, compares every worker's outputs with the all-in-RAM model and re
 page-cache growth, the ratios the design measures against (raw read speed, accelerate and diffusers disk) and a
 recommendation: nvme, or the page cache when the model fits in free RAM and buffered reads win once warm.
 
+With ``free_ram`` (``accel-nvme bench --free-ram``, the default) a ``Ballast`` process holds all but that much of the
+available RAM while the modes run, so they meet the regime the nvme tier exists for: a model bigger than free RAM.
+
 Two synthetic models: a Sequential of fp32 Linear layers built in RAM (``linear``), or, when the model does not fit in
 RAM or ``from_pretrained`` is asked for, a Llama checkpoint written shard by shard and loaded with
 ``from_pretrained(..., offload_backend="nvme")`` (``llama``). See docs/bench.md.
@@ -29,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,8 +40,10 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-MODES = ("ram", "raw_direct", "raw_buffered", "accelerate_disk", "diffusers_disk", "nvme")
+MODES = ("ram", "raw_direct", "raw_buffered", "accelerate_disk", "diffusers_disk", "nvme", "nvme_auto")
 RAW_MODES = ("raw_direct", "raw_buffered")
+DISK_ANCHORS = ("accelerate_disk", "diffusers_disk")
+NVME_MODES = ("nvme", "nvme_auto")  # streaming only, and resident_budget="auto"
 WARM_ANCHORS = ("raw_buffered", "accelerate_disk")  # buffered paths that the page cache speeds up once warm
 PAGE = 4096
 DIRECT_REQUEST_BYTES = 4 << 20
@@ -51,6 +56,9 @@ RAM_HEADROOM_BYTES = 2_000_000_000  # beyond the weights: interpreter, torch, ac
 LLAMA_VOCAB = 1024
 LLAMA_MAX_HIDDEN = 2048  # keeps one decoder layer (one nvme group) near 200 MB, so the nvme worker's RSS stays small
 LLAMA_MIN_LAYERS = 4
+MIN_FREE_RAM_BYTES = 800_000_000  # one worker: interpreter, torch and transformers (~0.3 GB), staging, activations
+BALLAST_CHUNK_BYTES = 64 << 20
+SQUEEZE_STAGING_SHARE = 0.15  # under --free-ram, nvme's staging buffers (3 decoder layers) stay within this share
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,9 @@ class LlamaShape:
         return self.layers * self.layer_bytes + (2 * self.vocab * self.hidden + self.hidden) * 4
 
     @classmethod
-    def for_size(cls, size_bytes: int) -> LlamaShape:
-        """The shape closest to ``size_bytes``: hidden grows up to 2048 (at least 4 layers), then layers do."""
-        hidden = max(128, min(LLAMA_MAX_HIDDEN, round((size_bytes / (LLAMA_MIN_LAYERS * 49)) ** 0.5 / 128) * 128))
+    def for_size(cls, size_bytes: int, max_hidden: int = LLAMA_MAX_HIDDEN) -> LlamaShape:
+        """The shape closest to ``size_bytes``: hidden grows up to ``max_hidden`` (4 layers at least), then layers."""
+        hidden = max(128, min(max_hidden, round((size_bytes / (LLAMA_MIN_LAYERS * 49)) ** 0.5 / 128) * 128))
         shape = cls(hidden=hidden, layers=1)
         return replace(shape, layers=max(1, round((size_bytes - shape.model_bytes) / shape.layer_bytes) + 1))
 
@@ -89,7 +97,8 @@ class BenchConfig:
     """The synthetic model and the forwards timed on it.
 
     ``layers`` × Linear(hidden, hidden) fp32 in RAM, or with ``from_pretrained`` a Llama checkpoint of about the same
-    size (``llama_shape``); ``forwards`` cold and then ``warm_forwards`` warm forwards per batch.
+    size (``llama_shape``, hidden at most ``max_hidden``); ``forwards`` cold and then ``warm_forwards`` warm forwards
+    per batch.
     """
 
     layers: int = 16
@@ -100,6 +109,7 @@ class BenchConfig:
     warm_forwards: int = 2
     from_pretrained: bool = False
     resident_shares: tuple[float, ...] = ()
+    max_hidden: int = LLAMA_MAX_HIDDEN
 
     @property
     def linear_bytes(self) -> int:
@@ -109,7 +119,7 @@ class BenchConfig:
     @property
     def llama_shape(self) -> LlamaShape:
         """The Llama checkpoint's shape, for ``from_pretrained``."""
-        return LlamaShape.for_size(self.linear_bytes)
+        return LlamaShape.for_size(self.linear_bytes, self.max_hidden)
 
     @property
     def model_bytes(self) -> int:
@@ -120,6 +130,12 @@ class BenchConfig:
 def hidden_for_size(size_bytes: int, layers: int) -> int:
     """The hidden size (a multiple of 128) that makes ``layers`` fp32 Linear layers weigh about ``size_bytes``."""
     return max(128, round((size_bytes / (4 * layers)) ** 0.5 / 128) * 128)
+
+
+def squeezed_max_hidden(free_ram: int, max_hidden: int = LLAMA_MAX_HIDDEN) -> int:
+    """The largest Llama hidden size (a multiple of 128) whose 3 staging buffers (one decoder layer each, 49 bytes
+    per hidden²) stay within ``SQUEEZE_STAGING_SHARE`` of ``free_ram``."""
+    return max(128, min(max_hidden, int((SQUEEZE_STAGING_SHARE * free_ram / (3 * 49)) ** 0.5) // 128 * 128))
 
 
 def fits_in_ram(model_bytes: int, available_bytes: int) -> bool:
@@ -186,6 +202,41 @@ def drop_page_cache(folders: Iterable[Path]) -> dict[str, float | None]:
         logger.debug("writing /proc/sys/vm/drop_caches failed: %s", e)
         freed["drop_caches"] = None
     return freed
+
+
+def files_cached_bytes(folders: Iterable[Path]) -> int:
+    """Bytes of the files under ``folders`` that sit in the page cache now (``mincore`` on a mapping of each file):
+    unlike ``Cached:``, blind to what other processes read."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    total = 0
+    for path in (p for folder in folders for p in folder.rglob("*") if p.is_file()):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                continue
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+            try:
+                pages = (ctypes.c_ubyte * (-(-size // PAGE)))()
+                if libc.mincore(address, size, pages) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+                total += sum(page & 1 for page in pages) * PAGE
+            finally:
+                libc.munmap(address, size)
+        finally:
+            os.close(fd)
+    return total
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -416,18 +467,26 @@ def _setup_diffusers_disk(config: BenchConfig, folder: Path, checkpoint: Path | 
     return _apply_diffusers_disk(build_model(config), folder)
 
 
-def _setup_nvme(config: BenchConfig, folder: Path, checkpoint: Path | None, resident_share: float = 0.0) -> Callable:
+def _setup_nvme(config: BenchConfig, folder: Path, checkpoint: Path | None, resident_budget: int | str = 0) -> Callable:
     import accel_nvme
 
     device_map = {str(i): "nvme" for i in range(config.layers)}
-    settings = accel_nvme.config.load_config(resident_budget=int(resident_share * config.model_bytes))
+    settings = accel_nvme.config.load_config(resident_budget=resident_budget)
     return accel_nvme.dispatch_model(
         build_model(config), device_map, offload_dir=str(folder), main_device="cpu", config=settings
     )
 
 
 def _setup_llama_ram(config: BenchConfig, folder: Path, checkpoint: Path) -> Callable:
-    return functools.partial(_logits, _load_llama(checkpoint))
+    """The model all in RAM: from_pretrained leaves tensors mapped from the checkpoint (read from disk on first use,
+    evicted with the page cache, at offsets not aligned to 64 bytes), so they are copied into memory of their own."""
+    import torch
+
+    model = _load_llama(checkpoint)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return functools.partial(_logits, model)
 
 
 def _setup_llama_accelerate_disk(config: BenchConfig, folder: Path, checkpoint: Path) -> Callable:
@@ -440,11 +499,11 @@ def _setup_llama_diffusers_disk(config: BenchConfig, folder: Path, checkpoint: P
     return functools.partial(_logits, _apply_diffusers_disk(_load_llama(checkpoint), folder))
 
 
-def _setup_llama_nvme(config: BenchConfig, folder: Path, checkpoint: Path, resident_share: float = 0.0) -> Callable:
+def _setup_llama_nvme(config: BenchConfig, folder: Path, checkpoint: Path, resident_budget: int | str = 0) -> Callable:
+    """What a user runs: ``from_pretrained(..., offload_backend="nvme")`` streams the checkpoint's layers."""
     import accel_nvme  # noqa: F401  (teaches from_pretrained offload_backend="nvme")
 
-    kwargs = {"offload_backend": "nvme", "offload_folder": str(folder)}
-    kwargs["nvme_resident_budget"] = int(resident_share * config.model_bytes)
+    kwargs = {"offload_backend": "nvme", "offload_folder": str(folder), "nvme_resident_budget": resident_budget}
     model = _load_llama(checkpoint, device_map="auto", max_memory={"cpu": "20KB"}, **kwargs)
     return functools.partial(_logits, model)
 
@@ -480,9 +539,17 @@ def resident_mode(share: float) -> str:
 
 def _setup(config: BenchConfig, mode: str) -> Callable[[BenchConfig, Path, Path | None], Callable]:
     setups = SETUPS[model_kind(config)]
+    if mode == "nvme_auto":
+        return functools.partial(setups["nvme"], resident_budget="auto")
     if mode.startswith(RESIDENT_PREFIX):
-        return functools.partial(setups["nvme"], resident_share=int(mode.removeprefix(RESIDENT_PREFIX)) / 100)
+        share = int(mode.removeprefix(RESIDENT_PREFIX)) / 100
+        return functools.partial(setups["nvme"], resident_budget=int(share * config.model_bytes))
     return setups[mode]
+
+
+def is_nvme(mode: str) -> bool:
+    """Whether ``mode`` streams with accel_nvme (``nvme``, ``nvme_auto``, ``nvme_resident_<percent>``)."""
+    return mode in NVME_MODES or mode.startswith(RESIDENT_PREFIX)
 
 
 def model_kind(config: BenchConfig) -> str:
@@ -502,18 +569,71 @@ def _skip_reason(mode: str) -> str | None:
 # ---------------------------------------------------------------- the worker
 
 
-def _timed_forwards(forward: Callable, x, count: int, drop: Callable[[], None] | None) -> tuple[list, list, list]:
-    """``count`` forwards, each after ``drop()`` when given: times (s), page-cache growth (MiB) and outputs."""
-    times, growth, outputs = [], [], []
+@dataclass
+class _Forwards:
+    """What ``count`` timed forwards gave: times (s), page-cache growth (MiB; system-wide, and of the mode's own
+    files), major page faults, outputs, and for nvme modes the bytes streamed and the seconds spent waiting for I/O."""
+
+    times: list[float]
+    growth: list[float]
+    file_growth: list[float]
+    major_faults: list[int]
+    outputs: list
+    streamed: list[int]
+    stalls: list[float]
+
+
+def _timed_forwards(
+    forward: Callable,
+    x,
+    count: int,
+    folders: list[Path],
+    drop: Callable[[], None] | None,
+    stream: Callable[[], tuple[int, float]] | None,
+) -> _Forwards:
+    """``count`` forwards, each after ``drop()`` when given; ``folders`` hold the mode's files; ``stream()`` gives
+    nvme's running (bytes read, stalls)."""
+    done = _Forwards([], [], [], [], [], [], [])
     for _ in range(count):
         if drop is not None:
             drop()
+        files = files_cached_bytes(folders)
         cached = meminfo_cached_mb()
+        before = stream() if stream else None
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         t0 = time.perf_counter()
-        outputs.append(forward(x))
-        times.append(time.perf_counter() - t0)
-        growth.append(meminfo_cached_mb() - cached)
-    return times, growth, outputs
+        done.outputs.append(forward(x))
+        done.times.append(time.perf_counter() - t0)
+        done.major_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults)
+        done.growth.append(meminfo_cached_mb() - cached)
+        done.file_growth.append((files_cached_bytes(folders) - files) / (1 << 20))
+        if stream and before:
+            after = stream()
+            done.streamed.append(after[0] - before[0])
+            done.stalls.append(after[1] - before[1])
+    return done
+
+
+def _nvme_stream(forward: Callable) -> tuple[Callable[[], tuple[int, float]], dict]:
+    """For an nvme mode's forward: a function giving (bytes read, stall seconds) so far, and the model's residency."""
+    import accel_nvme
+
+    model = forward.args[0] if isinstance(forward, functools.partial) else forward
+    hooks = (getattr(m, "_hf_hook", None) for m in model.modules())
+    hook = next(h for h in hooks if isinstance(h, accel_nvme.NvmeAlignDevicesHook))
+    before = accel_nvme.stats(model)
+    residency = {
+        "groups": before.groups,
+        "group_bytes": max(s.nbytes for s in hook.prefetcher.sources),
+        "resident_groups": len(before.resident),
+        "resident_bytes": before.resident_bytes,
+    }
+
+    def totals() -> tuple[int, float]:
+        total = accel_nvme.stats(model).total
+        return total.bytes_read, total.stall_seconds
+
+    return totals, residency
 
 
 def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path, checkpoint: Path | None) -> dict:
@@ -537,27 +657,31 @@ def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path,
         rss_after_setup = _proc_status_mb("VmRSS")
         setup_peak = _proc_status_mb("VmHWM") or 0.0
         peak_reset = _reset_peak_rss()
+        stream, residency = _nvme_stream(forward) if is_nvme(mode) else (None, None)
         batches, outputs = [], {}
-        for batch in config.batches:
+        for batch in config.batches[:1] if mode in RAW_MODES else config.batches:  # a read is the same at any batch
             x = make_input(config, batch)
             forward(x)  # warm-up: the code paths of this batch size are paged in before drop_caches runs
-            cold, cold_growth, cold_out = _timed_forwards(
-                forward, x, config.forwards, lambda: drops.append(drop_page_cache(folders))
-            )
-            warm, warm_growth, warm_out = _timed_forwards(forward, x, config.warm_forwards, None)
-            ys = [y for y in cold_out + warm_out if y is not None]
+            drop = functools.partial(_drop_and_record, folders, drops)
+            cold = _timed_forwards(forward, x, config.forwards, folders, drop, stream)
+            warm = _timed_forwards(forward, x, config.warm_forwards, folders, None, stream)
+            ys = [y for y in cold.outputs + warm.outputs if y is not None]
             if ys:
                 outputs[batch] = ys[0]
-            batches.append(
-                {
-                    "batch": batch,
-                    "times_s": cold,
-                    "page_cache_growth_mb": cold_growth,
-                    "warm_times_s": warm,
-                    "warm_page_cache_growth_mb": warm_growth,
-                    "stable": all(torch.equal(ys[0], y) for y in ys),
-                }
-            )
+            entry = {
+                "batch": batch,
+                "times_s": cold.times,
+                "page_cache_growth_mb": cold.growth,
+                "warm_times_s": warm.times,
+                "warm_page_cache_growth_mb": warm.growth,
+                "file_cache_growth_mb": cold.file_growth,
+                "warm_file_cache_growth_mb": warm.file_growth,
+                "major_faults": cold.major_faults + warm.major_faults,  # pages read back from disk (thrashing)
+                "stable": all(torch.equal(ys[0], y) for y in ys),
+            }
+            if stream is not None:
+                entry |= {"streamed_bytes": cold.streamed + warm.streamed, "stall_s": cold.stalls + warm.stalls}
+            batches.append(entry)
     forward_peak = _proc_status_mb("VmHWM") if peak_reset else None
     if outputs:
         torch.save(outputs, outputs_path)
@@ -568,12 +692,17 @@ def run_worker(mode: str, config: BenchConfig, folder: Path, outputs_path: Path,
         "rss_after_setup_mb": rss_after_setup,
         "forward_peak_rss_mb": forward_peak,
         "rss_above_setup_mb": None if forward_peak is None else forward_peak - rss_after_setup,
-        # the reset above also lowers ru_maxrss, so the process peak takes the peak of the setup into account
-        "peak_rss_mb": max(setup_peak, forward_peak or 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so it starts at the bench's own RSS
+        "peak_rss_mb": max(setup_peak, forward_peak or _proc_status_mb("VmHWM") or 0.0),
         "page_cache_drop": _summarize_drops(drops),
         "diffusers_offload_type": DIFFUSERS_OFFLOAD_TYPE if mode == "diffusers_disk" else None,
+        "nvme_residency": residency,
         "batches": batches,
     }
+
+
+def _drop_and_record(folders: list[Path], drops: list[dict[str, float | None]]) -> None:
+    drops.append(drop_page_cache(folders))
 
 
 def _summarize_drops(drops: list[dict[str, float | None]]) -> dict[str, dict[str, float] | None]:
@@ -592,7 +721,10 @@ def _worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, help="the Llama checkpoint (from_pretrained runs)")
     parser.add_argument("--outputs", type=Path, required=True)
     parser.add_argument("--json-out", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int, help="die with this process (the bench)")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     fields = json.loads(args.config)
     config = BenchConfig(
@@ -601,6 +733,142 @@ def _worker_main(argv: list[str] | None = None) -> None:
     args.folder.mkdir(parents=True, exist_ok=True)
     result = run_worker(args.mode, config, args.folder, args.outputs, args.checkpoint)
     args.json_out.write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the ballast: a squeezed machine
+
+
+class BallastError(RuntimeError):
+    """The ballast could not be started or died: the machine is not squeezed as asked."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), and exit if it is already gone."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError) as e:
+        logger.debug("prctl(PR_SET_PDEATHSIG) failed: %s", e)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _meminfo_available() -> int:
+    """``MemAvailable:`` of /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no 'MemAvailable:' line")
+
+
+def _ballast_main(free_bytes: int, parent_pid: int) -> None:
+    """The ballast process: hold touched anonymous pages so that ``free_bytes`` stay available, until stdin ends.
+
+    Its oom_score_adj is 1000, so under memory pressure the OOM killer takes the ballast, never a mode or another
+    process. Each line ``adjust`` on stdin tops it up or releases chunks to bring MemAvailable back to ``free_bytes``;
+    each reply on stdout is ``<held bytes> <available bytes>``. End of stdin (the parent closed it, exited or was
+    killed) ends the process, and with it the memory.
+    """
+    _die_with_parent(parent_pid)
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+    fill = b"\x5a" * BALLAST_CHUNK_BYTES
+    chunks: list[mmap.mmap] = []
+
+    def adjust() -> None:
+        for _ in range(100_000):  # measured again after each step: other processes allocate and free meanwhile
+            excess = _meminfo_available() - free_bytes
+            if excess >= BALLAST_CHUNK_BYTES // 4:
+                size = min(BALLAST_CHUNK_BYTES, excess - excess % PAGE)
+                chunk = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                chunk.write(fill[:size])  # touched: every page is resident, not a promise
+                chunks.append(chunk)
+            elif chunks and excess < -BALLAST_CHUNK_BYTES // 2:
+                chunks.pop().close()
+            else:
+                break
+        print(sum(len(c) for c in chunks), _meminfo_available(), flush=True)
+
+    adjust()
+    for line in sys.stdin:
+        if line.strip() == "adjust":
+            adjust()
+
+
+class Ballast:
+    """A helper process holding all but ``free_bytes`` of the available RAM, so each mode runs in a squeezed machine.
+
+    Refuses a ``free_bytes`` larger than what is available or below ``MIN_FREE_RAM_BYTES``. ``adjust()`` before each
+    mode brings the available RAM back to ``free_bytes`` (other processes come and go); ``close()`` releases it all,
+    and so does the end of this process, however it ends (the ballast reads a pipe from it and dies with it).
+    """
+
+    def __init__(self, free_bytes: int):
+        self.check(free_bytes, _meminfo_available())
+        self.free_bytes = free_bytes
+        # this file alone, not the package (which imports torch): the ballast's own RSS stays a few MB
+        run = "import runpy, sys; runpy.run_path(sys.argv[1])['_ballast_main'](int(sys.argv[2]), int(sys.argv[3]))"
+        command = [sys.executable, "-c", run, __file__, str(free_bytes), str(os.getpid())]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env()
+        )
+        self.held_bytes, self.available_bytes = self._reply()
+        logger.info(
+            "ballast (pid %d) holds %.2f GB; %.2f GB available for the modes",
+            self.process.pid,
+            self.held_bytes / 1e9,
+            self.available_bytes / 1e9,
+        )
+
+    @staticmethod
+    def check(free_bytes: int, available: int) -> None:
+        """Refuse a ``free_bytes`` above ``available`` or below ``MIN_FREE_RAM_BYTES``, saying why."""
+        if free_bytes > available:
+            raise BallastError(
+                f"--free-ram {free_bytes / 1e9:.2f} GB is more than the {available / 1e9:.2f} GB available now:"
+                " give a smaller size, or --no-squeeze"
+            )
+        if free_bytes < MIN_FREE_RAM_BYTES:
+            raise BallastError(
+                f"--free-ram {free_bytes / 1e9:.2f} GB is too small to run a mode: give at least"
+                f" {MIN_FREE_RAM_BYTES / 1e9:.1f} GB (interpreter, torch, transformers, staging buffers)"
+            )
+
+    def _reply(self) -> tuple[int, int]:
+        line = self.process.stdout.readline()
+        if not line:
+            status = self.process.wait()
+            raise BallastError(
+                f"the ballast process (pid {self.process.pid}) exited with status {status}"
+                f"{' (SIGKILL: the OOM killer, most likely)' if status == -9 else ''}; the machine is not squeezed"
+            )
+        held, available = line.split()
+        return int(held), int(available)
+
+    def adjust(self) -> tuple[int, int]:
+        """Top up or release so that ``free_bytes`` are available again; returns (held, available) bytes."""
+        try:
+            self.process.stdin.write("adjust\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # _reply says how it died
+        self.held_bytes, self.available_bytes = self._reply()
+        return self.held_bytes, self.available_bytes
+
+    def close(self) -> None:
+        """Release the memory: close the pipe, and kill the process if it does not exit at once."""
+        if self.process.stdin and not self.process.stdin.closed:
+            with suppress(BrokenPipeError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
 # ---------------------------------------------------------------- the parent
@@ -633,6 +901,12 @@ def _machine_info(folder: Path, available_bytes: int) -> dict:
         "folder": str(folder.resolve()),
         "filesystem": f"{mount.device} ({mount.fstype})" if mount else None,
     }
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment of a worker: this one, with this package first on PYTHONPATH."""
+    package_parent = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
 
 
 def _last_line(text: str) -> str:
@@ -674,6 +948,7 @@ def _wait(process: subprocess.Popen, update: Callable[[], None]) -> int | None:
 def _run_mode(mode: str, config: BenchConfig, root: Path, checkpoint: Path | None) -> dict:
     """Run one mode in a fresh interpreter; a failing worker becomes a 'failed' result, never an exception."""
     json_out = root / f"{mode}.json"
+    folder = root / ("nvme" if is_nvme(mode) else mode)  # nvme modes share their group files (reused, not rewritten)
     command = [
         sys.executable,
         "-m",
@@ -683,29 +958,34 @@ def _run_mode(mode: str, config: BenchConfig, root: Path, checkpoint: Path | Non
         "--config",
         json.dumps(asdict(config)),
         "--folder",
-        str(root / mode),
+        str(folder),
         "--outputs",
         str(root / f"{mode}.outputs.pt"),
         "--json-out",
         str(json_out),
+        "--parent-pid",
+        str(os.getpid()),
         *(["--checkpoint", str(checkpoint)] if checkpoint is not None else []),
     ]
-    package_parent = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     logger.info("running mode %s", mode)
     start = time.perf_counter()
     log_path = root / f"{mode}.log"
     writes_files = mode != "ram" if checkpoint is None else mode.startswith(("nvme", "diffusers_disk"))
     with (
         open(log_path, "w") as log,
-        _files_progress(root / mode, config.model_bytes, f"{mode}: files", writes_files) as update,
+        _files_progress(folder, config.model_bytes, f"{mode}: files", writes_files) as update,
     ):
-        returncode = _wait(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), update)
+        returncode = _wait(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_env()), update)
     output = log_path.read_text(errors="replace")
     logger.debug("worker %s output:\n%s", mode, output)
-    shutil.rmtree(root / mode, ignore_errors=True)
+    if not is_nvme(mode):
+        shutil.rmtree(folder, ignore_errors=True)
     if returncode is None:
         return {"mode": mode, "status": "failed", "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    if returncode == -9:
+        error = "killed by SIGKILL (the OOM killer, most likely: see dmesg)"
+        logger.warning("mode %s %s", mode, error)
+        return {"mode": mode, "status": "killed", "error": error}
     if returncode != 0 or not json_out.exists():
         error = f"exit status {returncode}: {_last_line(output)}"
         logger.warning("mode %s failed, %s", mode, error)
@@ -741,10 +1021,11 @@ def _compare_outputs(result: dict, outputs: Path, reference: Path | None) -> Non
 
 
 def _time(results: list[dict], mode: str, batch: int, key: str = "min_s") -> float | None:
-    """``key`` of ``mode`` at ``batch``, or None when the mode did not run."""
+    """``key`` of ``mode`` at ``batch`` (a raw read: at any batch, it is measured once), or None when it did not run."""
     for r in results:
         if r["mode"] == mode and r["status"] == "ok":
-            return next((e[key] for e in r["batches"] if e["batch"] == batch), None)
+            entries = [e for e in r["batches"] if e["batch"] == batch or mode in RAW_MODES]
+            return entries[0][key] if entries else None
     return None
 
 
@@ -755,7 +1036,7 @@ def compute_ratios(results: list[dict], batches: Iterable[int]) -> dict[str, dic
     warm forwards (what a user whose page cache holds the files gets).
     """
     ratios: dict[str, dict[str, float | None]] = {"nvme_over_bound": {}}
-    ratios |= {f"nvme_speedup_over_{m}": {} for m in MODES if m != "nvme"}
+    ratios |= {f"nvme_speedup_over_{m}": {} for m in MODES if not is_nvme(m)}
     ratios |= {f"nvme_speedup_over_{m}_warm": {} for m in WARM_ANCHORS}
     for batch in batches:
         key = str(batch)
@@ -763,13 +1044,68 @@ def compute_ratios(results: list[dict], batches: Iterable[int]) -> dict[str, dic
         raw = [t for t in (_time(results, m, batch) for m in RAW_MODES) if t is not None]
         bound = max((t for t in (min(raw, default=None), _time(results, "ram", batch)) if t is not None), default=None)
         ratios["nvme_over_bound"][key] = nvme / bound if nvme and bound else None
-        for m in MODES[:-1]:
+        for m in (m for m in MODES if not is_nvme(m)):
             t = _time(results, m, batch)
             ratios[f"nvme_speedup_over_{m}"][key] = t / nvme if nvme and t else None
         for m in WARM_ANCHORS:
             t = _time(results, m, batch, "warm_min_s")
             ratios[f"nvme_speedup_over_{m}_warm"][key] = t / nvme if nvme and t else None
     return ratios
+
+
+def _result(results: list[dict], mode: str) -> dict | None:
+    return next((r for r in results if r["mode"] == mode and r["status"] == "ok"), None)
+
+
+def best_raw_rate(results: list[dict], batch: int) -> float | None:
+    """The best disk read rate of the run at ``batch``, bytes/s: raw reads when cold, and O_DIRECT (never cached)."""
+    rates = [
+        r["model_bytes"] / t
+        for mode, key in (("raw_direct", "min_s"), ("raw_buffered", "min_s"), ("raw_direct", "warm_min_s"))
+        if (r := _result(results, mode)) and (t := _time(results, mode, batch, key))
+    ]
+    return max(rates, default=None)
+
+
+def nvme_auto_summary(results: list[dict], batches: Iterable[int]) -> dict | None:
+    """nvme with ``resident_budget="auto"`` against its bound and the disk anchors, per batch (warm forwards, min).
+
+    ``bound_s`` = max(bytes it streams per forward / the run's best raw read rate, the in-RAM forward);
+    ``speedup_warm`` = the faster anchor's warm forward / nvme_auto's. None when nvme_auto did not run.
+    """
+    auto = _result(results, "nvme_auto")
+    if auto is None:
+        return None
+    residency = auto["nvme_residency"]
+    summary = {"resident_bytes": residency["resident_bytes"], "group_bytes": residency["group_bytes"], "batches": {}}
+    for entry in auto["batches"]:
+        batch, warm = entry["batch"], entry["warm_min_s"]
+        anchors = {m: t for m in DISK_ANCHORS if (t := _time(results, m, batch, "warm_min_s")) is not None}
+        anchor = min(anchors, key=anchors.get, default=None)
+        streamed = min(entry["streamed_bytes"][len(entry["times_s"]) :] or entry["streamed_bytes"], default=None)
+        rate = best_raw_rate(results, batch)
+        io_s = streamed / rate if streamed is not None and rate else None
+        compute_s = _time(results, "ram", batch)
+        bound = max((t for t in (io_s, compute_s) if t is not None), default=None)
+        growth = max(entry["file_cache_growth_mb"] + entry["warm_file_cache_growth_mb"])
+        summary["batches"][str(batch)] = {
+            "warm_s": warm,
+            "cold_s": entry["min_s"],
+            "anchor": anchor,
+            "anchor_warm_s": anchors.get(anchor),
+            "speedup_warm": anchors[anchor] / warm if anchor and warm else None,
+            "not_slower_than_anchors": all(warm <= t for t in anchors.values()) if warm and anchors else None,
+            "streamed_bytes": streamed,
+            "raw_rate_gb_per_s": rate / 1e9 if rate else None,
+            "io_bound_s": io_s,
+            "compute_s": compute_s,
+            "bound_s": bound,
+            "bound_by": None if bound is None else ("io" if bound == io_s else "compute"),
+            "over_bound": warm / bound if warm and bound else None,
+            "page_cache_growth_mb": growth,
+            "page_cache_within_one_group": growth * (1 << 20) <= residency["group_bytes"],
+        }
+    return summary
 
 
 def resident_sweep(results: list[dict], batches: Iterable[int], shares: Iterable[float]) -> dict[str, dict]:
@@ -849,6 +1185,27 @@ def recommend(report: dict) -> dict:
             ' offload_backend="nvme" when that RAM is needed for something else.'
         )
         return {"setting": "page_cache", "fits_in_ram": fits, "comparisons": comparisons, "text": text}
+    auto = report.get("nvme_auto")
+    if not fits and auto and any(b["speedup_warm"] for b in auto["batches"].values()):
+        cells = "; ".join(
+            f"batch {b}: {v['warm_s']:.3f} s vs {v['anchor']} {v['anchor_warm_s']:.3f} s = {v['speedup_warm']:.1f}x"
+            f" faster, {_fmt(v['over_bound'], '.2f')}x its bound"
+            for b, v in auto["batches"].items()
+            if v["speedup_warm"]
+        )
+        text = (
+            f'offload_backend="nvme" with resident_budget="auto": the {model_gb:.2f} GB model does not fit in the'
+            f" {available:.1f} GB of available RAM, so the page cache cannot keep it and disk offload reads it all on"
+            f' every forward, warm or not; "auto" kept {auto["resident_bytes"] / 1e9:.2f} GB resident and streamed'
+            f" the rest. Expected speed-up, warm forwards: {cells}."
+        )
+        return {
+            "setting": "nvme",
+            "resident_budget": "auto",
+            "fits_in_ram": fits,
+            "comparisons": comparisons,
+            "text": text,
+        }
     if not fits:
         why = f"the {model_gb:.2f} GB model does not fit in the {available:.1f} GB of available RAM (2 GB to spare)"
     elif all(c["page_cache_warm_s"] is None for c in comparisons.values()):
@@ -877,19 +1234,25 @@ def run(
     plot_path: str | os.PathLike | None = None,
     warm_forwards: int | None = None,
     from_pretrained: bool | None = None,
+    free_ram: int | None = None,
 ) -> dict:
     """Run each mode in its own subprocess under a fresh temporary folder and gather the report.
 
     The folder (worker files and, for ``from_pretrained``, the synthetic checkpoint) is created inside
     ``offload_folder`` (default: the current directory) and removed at the end, Ctrl-C included.
     ``warm_forwards`` overrides the config's; ``from_pretrained`` too, and when None it is switched on if the Linear
-    model would not fit in the available RAM. ``json_path`` and ``plot_path`` also write the report there.
+    model would not fit in the available RAM. ``free_ram`` squeezes the machine: a ``Ballast`` holds all but that
+    many bytes while the modes run (the ``ram`` reference runs before it, when the model fits the whole machine).
+    ``json_path`` and ``plot_path`` also write the report there.
     """
     import psutil
 
     from accel_nvme.config import load_config
 
-    available = psutil.virtual_memory().available
+    machine_available = psutil.virtual_memory().available
+    if free_ram is not None:
+        Ballast.check(free_ram, machine_available)
+    available = machine_available if free_ram is None else free_ram
     if from_pretrained is None:
         from_pretrained = config.from_pretrained or not fits_in_ram(config.linear_bytes, available)
         if from_pretrained and not config.from_pretrained:
@@ -902,25 +1265,48 @@ def run(
         config,
         from_pretrained=from_pretrained,
         warm_forwards=config.warm_forwards if warm_forwards is None else warm_forwards,
+        max_hidden=config.max_hidden if free_ram is None else squeezed_max_hidden(free_ram, config.max_hidden),
     )
     modes = [m for m in MODES if m in set(modes)] + [resident_mode(s) for s in config.resident_shares if s > 0]
     root = Path(tempfile.mkdtemp(prefix="accel-nvme-bench-", dir=offload_folder or "."))
+    ballast, squeeze = None, None
     try:
         machine = _machine_info(root, available)
+        machine["available_before_squeeze_gb"] = machine_available / 1e9
         checkpoint = None
         if config.from_pretrained:
             checkpoint = root / "checkpoint"
             checkpoint.mkdir()
             write_llama_checkpoint(config.llama_shape, checkpoint, config.seed)
-        results = []
-        for mode in modes:
-            result = _does_not_fit(mode, config, available) or _run_mode(mode, config, root, checkpoint)
+        results = {}
+        if free_ram is not None and "ram" in modes:  # the reference, in the whole machine, before the squeeze
+            reference = _does_not_fit("ram", config, machine_available) or _run_mode("ram", config, root, checkpoint)
+            results["ram"] = reference
+            results["ram"]["squeezed"] = False
+        if free_ram is not None:
+            ballast = Ballast(free_ram)
+            squeeze = {"free_ram_bytes": free_ram, "held_at_start_bytes": ballast.held_bytes, "modes": {}}
+        for mode in (m for m in modes if m not in results):
+            if ballast is not None:
+                held, now = ballast.adjust()
+                squeeze["modes"][mode] = {"held_bytes": held, "available_bytes": now}
+            results[mode] = _does_not_fit(mode, config, available) or _run_mode(mode, config, root, checkpoint)
+            if ballast is not None:
+                results[mode]["squeezed"] = True
+                if ballast.process.poll() is not None:
+                    raise BallastError(
+                        f"the ballast process died (status {ballast.process.returncode}) while mode {mode} ran:"
+                        " the machine was no longer squeezed"
+                    )
+        results = [results[m] for m in modes]
+        for result in results:
             if result["status"] == "ok":
                 result["model_bytes"] = config.model_bytes
                 reference = root / "ram.outputs.pt" if "ram" in modes else None
-                _compare_outputs(result, root / f"{mode}.outputs.pt", reference)
-            results.append(result)
+                _compare_outputs(result, root / f"{result['mode']}.outputs.pt", reference)
     finally:
+        if ballast is not None:
+            ballast.close()
         shutil.rmtree(root, ignore_errors=True)
     report = {
         "machine": machine,
@@ -937,6 +1323,8 @@ def run(
         "modes": results,
         "ratios": compute_ratios(results, config.batches),
         "resident_sweep": resident_sweep(results, config.batches, config.resident_shares),
+        "squeeze": squeeze,
+        "nvme_auto": nvme_auto_summary(results, config.batches),
     }
     report["recommendation"] = recommend(report)
     if json_path is not None:
@@ -987,7 +1375,7 @@ TABLE_HEADER = (
     "fwd peak RSS MB",
     "RSS above setup MB",
     "process peak MB",
-    "cache growth MB cold/warm",
+    "files cached MB cold/warm",
     "exact",
 )
 
@@ -1001,8 +1389,8 @@ def _rows(report: dict) -> list[tuple[str, ...]]:
         for e in r["batches"]:
             rows.append(
                 (
-                    r["mode"],
-                    str(e["batch"]),
+                    r["mode"] + (" (whole machine)" if r.get("squeezed") is False else ""),
+                    "any" if r["mode"] in RAW_MODES else str(e["batch"]),
                     _pair(e["min_s"], e["median_s"], ".3f"),
                     f"{e['gb_per_s']:.2f}",
                     _pair(e["warm_min_s"], e["warm_median_s"], ".3f"),
@@ -1011,7 +1399,7 @@ def _rows(report: dict) -> list[tuple[str, ...]]:
                     _fmt(r["forward_peak_rss_mb"], ".0f"),
                     _fmt(r["rss_above_setup_mb"], ".0f"),
                     f"{r['peak_rss_mb']:.0f}",
-                    _pair(max(e["page_cache_growth_mb"]), max(e["warm_page_cache_growth_mb"], default=None), ".0f"),
+                    _pair(max(e["file_cache_growth_mb"]), max(e["warm_file_cache_growth_mb"], default=None), ".0f"),
                     _exact_text(r["mode"], e),
                 )
             )
@@ -1035,9 +1423,11 @@ def format_report(report: dict) -> str:
         *(" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows),
         "RSS setup: after setup; fwd peak: peak from the warm-ups to the end; RSS above setup: fwd peak - RSS setup"
         " (what the forwards add to the resident part); process peak: the whole worker, setup included;"
-        " cache growth: largest rise of Cached: in /proc/meminfo over one forward",
+        " files cached: largest rise over one forward of the mode's own files in the page cache (mincore; the"
+        " system-wide rise of Cached: is in the JSON)",
     ]
     lines += [f"{r['mode']} {r['status']}: {r['error']}" for r in report["modes"] if r["status"] != "ok"]
+    lines += _squeeze_lines(report)
     drops = next((r["page_cache_drop"] for r in report["modes"] if r["status"] == "ok"), {})
     lines.append("page-cache drop: " + ", ".join(f"{m} {'ok' if v else 'failed'}" for m, v in drops.items()))
     lines.append(
@@ -1059,8 +1449,47 @@ def format_report(report: dict) -> str:
                 for b, v in per_batch.items()
             )
             lines.append(f"  {share:>3}% resident: {cells}")
+    lines += _nvme_auto_lines(report.get("nvme_auto"))
     lines.append(f"recommendation: {report['recommendation']['text']}")
     return "\n".join(lines)
+
+
+def _squeeze_lines(report: dict) -> list[str]:
+    squeeze = report.get("squeeze")
+    if not squeeze:
+        return []
+    held = ", ".join(
+        f"{mode} {m['held_bytes'] / 1e9:.2f} GB held, {m['available_bytes'] / 1e9:.2f} GB available"
+        for mode, m in squeeze["modes"].items()
+    )
+    lines = [
+        f"squeezed: a ballast process held all but {squeeze['free_ram_bytes'] / 1e9:.2f} GB of the available RAM"
+        f" ({report['machine']['available_before_squeeze_gb']:.1f} GB before); at each mode's start: {held}"
+    ]
+    if any(r.get("squeezed") is False for r in report["modes"]):
+        lines.append("ram ran before the squeeze, in the whole machine: the reference for exactness and compute time")
+    return lines
+
+
+def _nvme_auto_lines(summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    lines = [
+        f'nvme_auto (resident_budget="auto"): {summary["resident_bytes"] / 1e9:.2f} GB resident, groups of'
+        f" {summary['group_bytes'] / 1e6:.0f} MB; warm forwards (min), bound = max(streamed bytes / best raw read"
+        " rate, in-RAM forward):"
+    ]
+    for batch, v in summary["batches"].items():
+        anchor = f"{v['anchor']} {v['anchor_warm_s']:.3f} s" if v["anchor"] else "no disk anchor"
+        lines.append(
+            f"  batch {batch}: {_fmt(v['warm_s'], '.3f')} s; {anchor} -> {_fmt(v['speedup_warm'], '.2f')}x faster;"
+            f" streamed {_fmt(v['streamed_bytes'] and v['streamed_bytes'] / 1e9, '.2f')} GB at"
+            f" {_fmt(v['raw_rate_gb_per_s'], '.2f')} GB/s = {_fmt(v['io_bound_s'], '.3f')} s, in-RAM"
+            f" {_fmt(v['compute_s'], '.3f')} s -> {_fmt(v['over_bound'], '.2f')}x the {v['bound_by'] or '-'} bound;"
+            f" page cache +{v['page_cache_growth_mb']:.0f} MB"
+            f" ({'within' if v['page_cache_within_one_group'] else 'MORE than'} one group)"
+        )
+    return lines
 
 
 def _import_pyplot():
@@ -1072,6 +1501,17 @@ def _import_pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _plot_label(result: dict) -> str:
+    if result["mode"] in RAW_MODES:
+        return f"{result['mode']}\n(read only)"
+    return f"{result['mode']}\n(whole machine)" if result.get("squeezed") is False else result["mode"]
+
+
+def _regime_text(report: dict) -> str:
+    squeeze = report.get("squeeze")
+    return f", squeezed to {squeeze['free_ram_bytes'] / 1e9:.1f} GB free RAM" if squeeze else ""
 
 
 def plot_report(report: dict, path: str | os.PathLike) -> None:
@@ -1102,33 +1542,42 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
                     ax.text(t, i + offset, f" {t:.3g}", va="center", fontsize=8)
         ram = _time(results, "ram", batch)
         raw = min((t for t in (_time(results, m, batch) for m in RAW_MODES) if t), default=None)
-        for value, label, style in ((ram, "in-RAM forward", "--"), (raw, "raw read of the weights (cold)", ":")):
+        bound = ((report.get("nvme_auto") or {}).get("batches") or {}).get(str(batch), {}).get("bound_s")
+        for value, label, style in (
+            (ram, "in-RAM forward", "--"),
+            (raw, "raw read of the weights (cold)", ":"),
+            (bound, "nvme_auto's bound", "-."),
+        ):
             if value:
                 ax.axvline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label}: {value:.2f} s")
-        ax.set_yticks(list(y), [f"{m}\n(read only)" if m in RAW_MODES else m for m in modes])
+        ax.set_yticks(list(y), [_plot_label(r) for r in results])
         ax.invert_yaxis()
         ax.set_xlim(0, top * 1.15)
         ax.set_xlabel("seconds per forward (min) — shorter is better")
-        ax.set_title(f"batch {batch}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"batch {batch}{_regime_text(report)}")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)  # below: never on a bar
     ax = fig.add_subplot(grid[1, :])
     ok = [r for r in results if r["status"] == "ok"]
     series = (
         ("RSS above setup (what forwards add)", [r["rss_above_setup_mb"] or 0 for r in ok], "tab:green"),
         ("process peak RSS", [r["peak_rss_mb"] for r in ok], "tab:purple"),
         (
-            "page-cache growth (cold forward)",
-            [max(max(e["page_cache_growth_mb"]) for e in r["batches"]) for r in ok],
+            "page-cache growth, its own files (largest over one forward)",
+            [max(max(e["file_cache_growth_mb"] + e["warm_file_cache_growth_mb"]) for e in r["batches"]) for r in ok],
             "tab:gray",
         ),
     )
     for k, (label, values, color) in enumerate(series):
         bars = ax.bar([i + (k - 1) * 0.27 for i in range(len(ok))], values, 0.27, label=label, color=color)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(ok)), [r["mode"] for r in ok])
+    ax.set_xticks(range(len(ok)), [_plot_label(r) for r in ok])
     ax.set_ylabel("MB")
-    ax.set_title("memory per mode, MB (lower is better)")
-    ax.legend(fontsize=8, loc="upper left")
+    squeeze = report.get("squeeze")
+    if squeeze:
+        free_mb = squeeze["free_ram_bytes"] / (1 << 20)
+        ax.axhline(free_mb, color="black", linestyle="--", linewidth=1.2, label=f"RAM available: {free_mb:.0f} MB")
+    ax.set_title(f"memory per mode, MB (lower is better){_regime_text(report)}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, fontsize=8)
     for col, batch in enumerate(batches if sweep else ()):
         ax = fig.add_subplot(grid[2, col])
         shares = [int(share) for share in sweep]
@@ -1147,7 +1596,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
         ax.set_ylabel("seconds per forward")
         ax.set_title(f"resident budget sweep, batch {batch}")
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)
     config = report["config"]
     if config["model"] == "llama":
         shape = config["llama_shape"]
@@ -1155,6 +1604,8 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     else:
         model = f"{config['layers']} x Linear({config['hidden']}, {config['hidden']})"
     setting = {"page_cache": "the page cache (the model fits in free RAM)", "nvme": "nvme"}
+    if report["recommendation"].get("resident_budget") == "auto":
+        setting["nvme"] = 'nvme with resident_budget="auto"'
     fig.suptitle(
         f"accel-nvme bench: {model}, {config['model_bytes'] / 1e9:.2f} GB fp32\n"
         f"recommendation: {setting.get(report['recommendation']['setting'], 'none')}",

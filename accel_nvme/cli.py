@@ -11,6 +11,15 @@ from accel_nvme import bench, config, maintenance
 
 logger = logging.getLogger(__name__)
 
+SQUEEZE_DEFAULTS = {
+    "free_ram": 1_200_000_000,
+    "size": 2_000_000_000,
+    "batches": (16, 128),
+    "forwards": 1,
+    "warm_forwards": 3,
+}
+PLAIN_DEFAULTS = {"size": None, "batches": (64, 512), "forwards": 3, "warm_forwards": 2}
+
 
 def parse_size(text: str) -> int:
     """Bytes in a size such as ``1GB`` (decimal units) or ``512MiB`` (binary units)."""
@@ -54,15 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (worker output included)")
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("bench", help="time cold and warm forwards of offloading modes on a synthetic model")
-    b.add_argument("--size", type=parse_size, help="model size, e.g. 1GB; picks --hidden for the given --layers")
+    b.add_argument(
+        "--free-ram",
+        type=parse_size,
+        help="leave only this much RAM available while the modes run: a ballast process holds the rest (default"
+        " 1.2GB, with a 2GB model: the regime the nvme tier exists for)",
+    )
+    b.add_argument(
+        "--no-squeeze", action="store_true", help="run in the whole machine (defaults: 1.07 GB Linear model)"
+    )
+    b.add_argument("--size", type=parse_size, help="model size, e.g. 1GB (default 2GB squeezed); picks --hidden")
     b.add_argument("--layers", type=int, default=16, help="number of Linear layers (default 16)")
     b.add_argument("--hidden", type=int, help="hidden size (default 4096)")
-    b.add_argument("--batch", type=_positive_ints, default=(64, 512), help="batch sizes (default 64,512)")
-    b.add_argument("--forwards", type=int, default=3, help="timed cold forwards per batch (default 3)")
+    b.add_argument("--batch", type=_positive_ints, help="batch sizes (default 16,128 squeezed, else 64,512)")
+    b.add_argument("--forwards", type=int, help="timed cold forwards per batch (default 1 squeezed, else 3)")
     b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
     b.add_argument("--json", help="also write the report to this JSON file")
     b.add_argument("--modes", type=_modes, default=bench.MODES, help=f"default: {','.join(bench.MODES)}")
-    b.add_argument("--warm-forwards", type=int, default=2, help="timed warm forwards per batch, page cache kept")
+    b.add_argument(
+        "--warm-forwards", type=int, help="timed warm forwards per batch, page cache kept (default 3 squeezed, else 2)"
+    )
     b.add_argument(
         "--from-pretrained",
         action=argparse.BooleanOptionalAction,
@@ -119,28 +139,38 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    defaults = PLAIN_DEFAULTS if args.no_squeeze else SQUEEZE_DEFAULTS
+    size = args.size if args.size is not None or args.hidden is not None else defaults["size"]
+    forwards = defaults["forwards"] if args.forwards is None else args.forwards
+    warm_forwards = defaults["warm_forwards"] if args.warm_forwards is None else args.warm_forwards
     if args.size is not None and args.hidden is not None:
         parser.error("give --size or --hidden, not both")
-    if args.layers < 1 or args.forwards < 1 or args.warm_forwards < 0:
+    if args.no_squeeze and args.free_ram is not None:
+        parser.error("give --free-ram or --no-squeeze, not both")
+    if args.layers < 1 or forwards < 1 or warm_forwards < 0:
         parser.error("--layers and --forwards must be at least 1, --warm-forwards at least 0")
-    hidden = bench.hidden_for_size(args.size, args.layers) if args.size is not None else args.hidden or 4096
+    hidden = bench.hidden_for_size(size, args.layers) if size is not None else args.hidden or 4096
     config = bench.BenchConfig(
         layers=args.layers,
         hidden=hidden,
-        batches=args.batch,
-        forwards=args.forwards,
+        batches=args.batch or defaults["batches"],
+        forwards=forwards,
         resident_shares=args.resident_budget,
     )
     logger.info("modes %s on %.2f GB of weights", ",".join(args.modes), config.model_bytes / 1e9)
-    report = bench.run(
-        config,
-        args.modes,
-        offload_folder=args.offload_folder,
-        json_path=args.json,
-        plot_path=args.plot,
-        warm_forwards=args.warm_forwards,
-        from_pretrained=args.from_pretrained,
-    )
+    try:
+        report = bench.run(
+            config,
+            args.modes,
+            offload_folder=args.offload_folder,
+            json_path=args.json,
+            plot_path=args.plot,
+            warm_forwards=warm_forwards,
+            from_pretrained=args.from_pretrained,
+            free_ram=None if args.no_squeeze else args.free_ram or defaults["free_ram"],
+        )
+    except bench.BallastError as e:
+        parser.exit(2, f"accel-nvme bench: {e}\n")
     print(bench.format_report(report))
 
 

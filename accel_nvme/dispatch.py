@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import accelerate.big_modeling
-import psutil
 import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
@@ -27,7 +26,8 @@ from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
-from .prefetch import Checksum, ForwardStats, GroupSource, Prefetcher, TensorView, spread_resident
+from .prefetch import Checksum, ForwardStats, GroupSource, Prefetcher, TensorView
+from .residency import choose_resident
 from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _dispatch_nvme(
     reader = prefetcher = None
     try:
         reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
-        resident = _choose_resident(sources, config, execution_device)
+        resident = choose_resident(sources, config, execution_device)
         prefetcher = Prefetcher(sources, execution_device, reader, config.prefetch_depth, resident)
         _leave_meta_tensors(model, plans)
         _own_cpu_tensors(model)
@@ -281,31 +281,6 @@ def _check_device_map(model: torch.nn.Module, device_map: Mapping[str, Any]) -> 
         raise ValueError(
             f"device_map mixes 'disk' ({disk[0]!r}, ...) and 'nvme' entries; map the 'disk' ones to 'nvme' too"
         )
-
-
-def _resident_budget(budget: int | str, available: int, staging: int) -> int:
-    """A budget in bytes; "auto" is half of the memory available now, less the staging buffers."""
-    return max(0, available // 2 - staging) if budget == "auto" else budget
-
-
-def _choose_resident(sources: list[GroupSource], config: NvmeConfig, device: torch.device) -> dict[int, str]:
-    """Which groups stay loaded: on the execution device first (CUDA), then in host RAM, spread evenly."""
-    sizes = [s.nbytes for s in sources]
-    staging = (config.prefetch_depth + 1) * max(sizes, default=0)
-    resident: dict[int, str] = {}
-    if device.type == "cuda" and config.device_resident_budget:
-        budget = _resident_budget(config.device_resident_budget, torch.cuda.mem_get_info(device)[0], staging)
-        resident.update(dict.fromkeys(spread_resident(sizes, budget), "device"))
-    if config.resident_budget:
-        budget = _resident_budget(config.resident_budget, psutil.virtual_memory().available, staging)
-        rest = [0 if i in resident else size for i, size in enumerate(sizes)]
-        resident.update(dict.fromkeys((i for i in spread_resident(rest, budget) if i not in resident), "host"))
-    if resident:
-        kept = sum(sizes[i] for i in resident)
-        logger.info(
-            "%d of %d nvme groups resident (%.2f GB), the others streamed", len(resident), len(sizes), kept / 1e9
-        )
-    return resident
 
 
 def _is_device(device: Any) -> bool:

@@ -1,17 +1,30 @@
-"""The README's main command, on a small model: every mode runs and the offloaded outputs are exact."""
+"""The README's main command, on small models: every mode runs, the offloaded outputs are exact, and the squeezed
+regime's ballast holds memory while the modes run and is gone after the bench, also when the bench is killed."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+
+import psutil
+import pytest
+
+from accel_nvme import bench
+
+BALLAST_BYTES = 1_500_000_000  # enough to see the squeeze work, small enough not to starve tests running alongside
+
+
+def _bench_command(tmp_path, *options):
+    return [sys.executable, "-m", "accel_nvme.cli", "bench", "--offload-folder", str(tmp_path), *options]
 
 
 def test_bench_runs_and_reports_exact_outputs(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accel_nvme.cli",
-        "bench",
+    cmd = _bench_command(
+        tmp_path,
+        "--no-squeeze",
         "--layers",
         "3",
         "--hidden",
@@ -22,15 +35,14 @@ def test_bench_runs_and_reports_exact_outputs(tmp_path):
         "2",
         "--modes",
         "ram,raw_direct,nvme,accelerate_disk",
-        "--offload-folder",
-        str(tmp_path),
         "--json",
         str(out),
-    ]
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "nvme" in result.stdout
     report = json.loads(out.read_text())
+    assert report["squeeze"] is None
     modes = {m["mode"]: m for m in report["modes"]}
     assert set(modes) == {"ram", "raw_direct", "nvme", "accelerate_disk"}
     assert all(m["status"] == "ok" for m in modes.values()), [m.get("error") for m in modes.values()]
@@ -38,3 +50,101 @@ def test_bench_runs_and_reports_exact_outputs(tmp_path):
         assert [b["exact"] for b in modes[mode]["batches"]] == [True, True]
     assert all(b["page_cache_growth_mb"] is not None for b in modes["nvme"]["batches"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []
+
+
+def _ballast_pid(stderr_line: str) -> int | None:
+    if "ballast (pid " not in stderr_line:
+        return None
+    return int(stderr_line.split("ballast (pid ")[1].split(")")[0])
+
+
+def _gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _squeezed_options(tmp_path, out):
+    free = psutil.virtual_memory().available - BALLAST_BYTES
+    return _bench_command(
+        tmp_path,
+        "--free-ram",
+        str(free),
+        "--size",
+        "20MB",
+        "--from-pretrained",
+        "--batch",
+        "4",
+        "--forwards",
+        "1",
+        "--json",
+        str(out),
+    ), free
+
+
+def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd, free = _squeezed_options(tmp_path, out)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    pid = next(p for p in map(_ballast_pid, result.stderr.splitlines()) if p)
+    assert _gone(pid), f"the ballast (pid {pid}) outlived the bench"
+    report = json.loads(out.read_text())
+    statuses = {m["mode"]: m["status"] for m in report["modes"]}
+    assert set(statuses) == set(bench.MODES)
+    assert set(statuses.values()) == {"ok"}, [m.get("error") for m in report["modes"]]  # none killed, none failed
+    squeeze = report["squeeze"]
+    assert squeeze["free_ram_bytes"] == free and squeeze["held_at_start_bytes"] > 0
+    assert set(squeeze["modes"]) == set(bench.MODES) - {"ram"}  # the reference runs before the squeeze
+    for mode, held in squeeze["modes"].items():  # the ballast gives back what others took, while it holds some
+        assert held["available_bytes"] < free + (512 << 20), (mode, held)
+        assert held["held_bytes"] == 0 or abs(held["available_bytes"] - free) < 512 << 20, (mode, held)
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert modes["ram"]["squeezed"] is False and modes["nvme_auto"]["squeezed"] is True
+    for mode in ("accelerate_disk", "diffusers_disk", "nvme", "nvme_auto"):
+        assert modes[mode]["batches"][0]["exact"] is True, mode
+    assert report["nvme_auto"]["batches"]["4"]["warm_s"] > 0
+    assert "squeezed: a ballast process held" in result.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_stopped_bench_takes_its_ballast_and_worker_with_it(tmp_path, sig):
+    cmd, _ = _squeezed_options(tmp_path, tmp_path / "bench.json")
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        pid = None
+        for line in process.stderr:
+            pid = pid or _ballast_pid(line)
+            if pid and "running mode" in line:  # the ballast is up and a worker runs in the squeezed machine
+                break
+        assert pid is not None, "the bench never started its ballast"
+        time.sleep(1.0)  # the worker starts right after the line
+        workers = [p.pid for p in psutil.Process(process.pid).children() if p.pid != pid]
+        os.kill(process.pid, sig)
+        assert process.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+        assert _gone(pid), f"the ballast (pid {pid}) outlived the stopped bench"
+        assert all(_gone(w) for w in workers), "a worker outlived the stopped bench"
+        if sig == signal.SIGINT:  # Ctrl-C also cleans up the temporary folder
+            assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    ("free_ram", "message"), [("100TB", "is more than the"), ("100MB", "is too small to run a mode")]
+)
+def test_free_ram_refused_when_too_large_or_too_small(tmp_path, free_ram, message):
+    result = subprocess.run(
+        _bench_command(tmp_path, "--free-ram", free_ram), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "--free-ram" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

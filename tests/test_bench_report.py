@@ -10,7 +10,7 @@ from accel_nvme import bench
 GB = 1_000_000_000
 
 
-def _mode(mode, cold, warm, batch=8, status="ok"):
+def _mode(mode, cold, warm, batch=8, status="ok", model_bytes=1 * GB):
     if status != "ok":
         return {"mode": mode, "status": status, "error": "needs the model in RAM"}
     entry = {
@@ -19,6 +19,8 @@ def _mode(mode, cold, warm, batch=8, status="ok"):
         "page_cache_growth_mb": [0.0, 1.0],
         "warm_times_s": [warm],
         "warm_page_cache_growth_mb": [0.0],
+        "file_cache_growth_mb": [0.0, 1.0],
+        "warm_file_cache_growth_mb": [0.0],
         "stable": True,
         "min_s": cold,
         "median_s": cold * 1.05,
@@ -32,6 +34,7 @@ def _mode(mode, cold, warm, batch=8, status="ok"):
     return {
         "mode": mode,
         "status": "ok",
+        "model_bytes": model_bytes,
         "setup_s": 1.0,
         "rss_after_setup_mb": 300.0,
         "forward_peak_rss_mb": 500.0,
@@ -42,7 +45,7 @@ def _mode(mode, cold, warm, batch=8, status="ok"):
     }
 
 
-def _report(results, model_bytes=1 * GB, available_gb=20.0):
+def _report(results, model_bytes=1 * GB, available_gb=20.0, squeeze=None):
     report = {
         "machine": {
             "load_average_at_start": (0.1, 0.1, 0.1),
@@ -66,7 +69,10 @@ def _report(results, model_bytes=1 * GB, available_gb=20.0):
         "nvme_settings": {"offload_dir": None, "prefetch_depth": 2, "io_threads": 4},
         "modes": results,
         "ratios": bench.compute_ratios(results, [8]),
+        "squeeze": squeeze,
+        "nvme_auto": bench.nvme_auto_summary(results, [8]),
     }
+    report["machine"]["available_before_squeeze_gb"] = 20.0
     report["recommendation"] = bench.recommend(report)
     return report
 
@@ -118,7 +124,7 @@ def test_no_recommendation_without_nvme():
 def test_table_shows_cold_warm_rss_above_setup_and_statuses():
     text = bench.format_report(_report(MEASURED))
     header = next(line for line in text.splitlines() if line.startswith("mode "))
-    for column in ("cold s min/med", "warm s min/med", "RSS above setup MB", "cache growth MB cold/warm"):
+    for column in ("cold s min/med", "warm s min/med", "RSS above setup MB", "files cached MB cold/warm"):
         assert column in header
     nvme_row = next(line for line in text.splitlines() if line.startswith("nvme "))
     assert "1.000 / 1.050" in nvme_row and "| 200 " in nvme_row
@@ -173,7 +179,18 @@ def tiny_run(tmp_path_factory):
 def test_json_of_a_tiny_run(tiny_run):
     folder, _ = tiny_run
     report = json.loads((folder / "report.json").read_text())
-    assert set(report) == {"machine", "config", "nvme_settings", "modes", "ratios", "resident_sweep", "recommendation"}
+    assert set(report) == {
+        "machine",
+        "config",
+        "nvme_settings",
+        "modes",
+        "ratios",
+        "resident_sweep",
+        "squeeze",
+        "nvme_auto",
+        "recommendation",
+    }
+    assert report["squeeze"] is None and report["nvme_auto"] is None
     assert report["config"]["model"] == "linear" and report["config"]["warm_forwards"] == 2
     modes = {m["mode"]: m for m in report["modes"]}
     assert set(modes) == {"ram", "nvme"} and all(m["status"] == "ok" for m in modes.values())
@@ -212,3 +229,73 @@ def test_resident_sweep_runs_each_share_exactly(tmp_path):
     assert set(report["resident_sweep"]) == {"0", "50", "100"}
     assert report["resident_sweep"]["100"]["2"]["time_s"] > 0
     assert "resident budget sweep" in bench.format_report(report)
+
+
+def _auto(warm, streamed, model_bytes=2 * GB):
+    result = _mode("nvme_auto", warm * 1.2, warm, model_bytes=model_bytes)
+    result["nvme_residency"] = {
+        "groups": 40,
+        "group_bytes": 50_000_000,
+        "resident_groups": 10,
+        "resident_bytes": GB // 2,
+    }
+    result["batches"][0]["streamed_bytes"] = [streamed, streamed, streamed]  # two cold forwards, one warm
+    return result
+
+
+SQUEEZED = [
+    {**_mode("ram", 0.3, 0.3, model_bytes=2 * GB), "squeezed": False},
+    _mode("raw_direct", 1.0, 1.1, model_bytes=2 * GB),  # 2 GB/s, the best raw rate of the run
+    _mode("raw_buffered", 1.25, 1.2, model_bytes=2 * GB),
+    _mode("accelerate_disk", 3.5, 3.0, model_bytes=2 * GB),
+    _mode("diffusers_disk", 0, 0, status="does not fit"),
+    _mode("nvme", 1.1, 1.05, model_bytes=2 * GB),
+    _auto(0.8, int(1.5 * GB)),
+]
+
+
+def test_nvme_auto_is_measured_against_its_bound_and_the_faster_disk_anchor():
+    summary = bench.nvme_auto_summary(SQUEEZED, [8])
+    assert summary["resident_bytes"] == GB // 2 and summary["group_bytes"] == 50_000_000
+    row = summary["batches"]["8"]
+    assert row["anchor"] == "accelerate_disk" and row["speedup_warm"] == pytest.approx(3.0 / 0.8)
+    assert row["raw_rate_gb_per_s"] == pytest.approx(2.0)
+    assert row["io_bound_s"] == pytest.approx(0.75) and row["bound_by"] == "io"
+    assert row["over_bound"] == pytest.approx(0.8 / 0.75)
+    assert row["not_slower_than_anchors"] is True
+    assert row["page_cache_growth_mb"] == 1.0 and row["page_cache_within_one_group"] is True
+    assert bench.nvme_auto_summary(SQUEEZED[:-1], [8]) is None
+
+
+def test_compute_bound_batch_is_bounded_by_the_in_ram_forward():
+    results = [{**_mode("ram", 0.9, 0.9, model_bytes=2 * GB)}, *SQUEEZED[1:-1], _auto(1.0, int(1.5 * GB))]
+    row = bench.nvme_auto_summary(results, [8])["batches"]["8"]
+    assert row["bound_by"] == "compute" and row["bound_s"] == pytest.approx(0.9)
+
+
+def test_squeezed_regime_recommends_auto_with_its_speed_up():
+    squeeze = {"free_ram_bytes": 1_200_000_000, "held_at_start_bytes": 18 * GB, "modes": {}}
+    report = _report(SQUEEZED, model_bytes=2 * GB, available_gb=1.2, squeeze=squeeze)
+    rec = report["recommendation"]
+    assert rec["setting"] == "nvme" and rec["resident_budget"] == "auto" and rec["fits_in_ram"] is False
+    assert 'resident_budget="auto"' in rec["text"] and "0.50 GB resident" in rec["text"]
+    assert "3.8x faster" in rec["text"] and "accelerate_disk 3.000 s" in rec["text"]
+    text = bench.format_report(report)
+    assert "ram (whole machine)" in text and "ram ran before the squeeze" in text
+    assert "squeezed: a ballast process held all but 1.20 GB" in text
+    assert "batch 8: 0.800 s; accelerate_disk 3.000 s -> 3.75x faster" in text
+
+
+def test_squeezed_llama_keeps_three_staging_buffers_small():
+    hidden = bench.squeezed_max_hidden(1_200_000_000)
+    assert hidden == 1024
+    assert 3 * bench.LlamaShape(hidden=hidden, layers=1).layer_bytes <= bench.SQUEEZE_STAGING_SHARE * 1_200_000_000
+    assert bench.squeezed_max_hidden(100 * GB) == bench.LLAMA_MAX_HIDDEN
+
+
+def test_plot_of_a_squeezed_report(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs the optional extra: pip install 'accel-nvme[plot]'")
+    squeeze = {"free_ram_bytes": 1_200_000_000, "held_at_start_bytes": 18 * GB, "modes": {}}
+    path = tmp_path / "squeezed.png"
+    bench.plot_report(_report(SQUEEZED, model_bytes=2 * GB, available_gb=1.2, squeeze=squeeze), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
