@@ -1,16 +1,30 @@
-"""The accelerate hook of one nvme group: it only connects accelerate's protocol to the prefetcher."""
+"""The accelerate hook of one nvme group: it only connects accelerate's protocol to the prefetcher.
+
+Streamed weights act as frozen (no ``.grad``), as with accelerate's disk tier. Nothing that outlives a forward views a
+staging buffer: outputs are copied out of it, autograd gets copies, and a module keeping a view is an error. Forwards
+of one model take turns (the prefetcher's ``forward_lock``), and an interrupted forward leaves nothing in use.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import logging
 import sys
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, MutableMapping
+from typing import Any
 
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-from accelerate.utils import find_device, recursively_apply, send_to_device, set_module_tensor_to_device
+from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
 
 from .prefetch import Prefetcher
+
+logger = logging.getLogger(__name__)
+
+_WARNED_FROZEN: weakref.WeakSet[Prefetcher] = weakref.WeakSet()  # models already told their weights are frozen
 
 
 def _compiler_disable(fn):
@@ -66,7 +80,8 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self.group_name = group_name
         self.members = members
         self._slots: list[tuple[torch.nn.Module, str, bool, str, torch.Tensor]] = []
-        self._held = False
+        self._held = False  # this hook may hold its group (set before acquiring, cleared once given back)
+        self._staged = False  # the module holds views of a staging buffer (not device copies, not clones)
 
     def __repr__(self) -> str:
         return f"NvmeAlignDevicesHook(group={self.group_name!r}, execution_device={self.execution_device})"
@@ -94,19 +109,21 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     @_compiler_disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Take the group's tensors from the prefetcher and place the inputs on the execution device."""
-        if torch.is_grad_enabled():
-            self._refuse_training()
         if self._held:
             self._put_back()
-        tensors = self.prefetcher.acquire(self.group, id(self))
-        self._held = True
+        grad = torch.is_grad_enabled()
+        if grad:
+            self._warn_frozen()
+        self._held = True  # before acquiring: whatever happens next, ``abort`` gives the group back
+        tensors = self.prefetcher.acquire(self.group, self)
         # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies.
-        copy = torch.is_grad_enabled() and not self.prefetcher.on_cuda
+        copy_out = grad and not self.prefetcher.on_cuda
         for owner, attr, is_param, full, _ in self._slots:
-            value = tensors[full].clone() if copy else tensors[full]
+            value = tensors[full].clone() if copy_out else tensors[full]
             if is_param:
                 value = torch.nn.Parameter(value, requires_grad=False)
             (owner._parameters if is_param else owner._buffers)[attr] = value
+        self._staged = not copy_out and not self.prefetcher.on_cuda
         if self.io_same_device:
             self.input_device = find_device([args, kwargs])
         return send_to_device(args, self.execution_device), send_to_device(
@@ -116,35 +133,62 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     @_compiler_disable
     def post_forward(self, module: torch.nn.Module, output):
         """Put the meta tensors back and release the group's buffer (an output viewing it is copied out first)."""
-        if not self.prefetcher.on_cuda and self._slots:
-            staging = self.prefetcher.staging_pointers()
-            output = recursively_apply(
-                lambda t: t.clone() if t.untyped_storage().data_ptr() in staging else t,
-                output,
-                error_on_other_type=False,
-            )
+        staged = self._staged and bool(self._slots)
+        if staged:
+            output = _owned(output, self.prefetcher.staging_pointers())
         self._put_back()
+        if staged:
+            self._refuse_kept_views(module)
         if self.io_same_device and self.input_device is not None:
             output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
         return output
 
-    def _refuse_training(self) -> None:
-        trainable = [full for _, _, is_param, full, meta in self._slots if is_param and meta.requires_grad]
-        if trainable:
-            raise RuntimeError(
-                f"nvme group {self.group_name!r} streams its weights for inference only, but this forward runs with "
-                f"grad enabled and {trainable[0]!r} requires grad; run under torch.inference_mode() or "
-                "torch.no_grad(), or call model.requires_grad_(False)"
+    def _warn_frozen(self) -> None:
+        """Once per model: a forward with grad enabled, and a streamed weight that asks for a gradient it cannot get."""
+        if self.prefetcher in _WARNED_FROZEN:
+            return
+        trainable = next((full for _, _, is_param, full, meta in self._slots if is_param and meta.requires_grad), None)
+        if trainable is not None:
+            _WARNED_FROZEN.add(self.prefetcher)
+            logger.warning(
+                "%r and the other weights streamed from nvme act as frozen in forwards with grad enabled: they get no "
+                ".grad (as with accelerate's disk offload); gradients of the inputs and of weights kept in memory "
+                "are exact. Call model.requires_grad_(False) on streamed modules to silence this.",
+                trainable,
             )
+
+    def _refuse_kept_views(self, module: torch.nn.Module) -> None:
+        """A module attribute still viewing the staging buffer would later read another group's bytes: refuse it.
+
+        Checks tensors held as plain attributes (or in a tuple/list of tensors) of the module and its submodules.
+        """
+        staging = self.prefetcher.staging_pointers()
+        for submodule in module.modules():
+            for attr, value in vars(submodule).items():
+                if isinstance(value, torch.Tensor):
+                    kept = _views_staging(value, staging)
+                elif isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+                    kept = any(isinstance(v, torch.Tensor) and _views_staging(v, staging) for v in value)
+                else:
+                    continue
+                if kept:
+                    name = next(n for n, m in module.named_modules() if m is submodule)
+                    raise RuntimeError(
+                        f"{type(module).__name__} (nvme group {self.group_name!r}) keeps "
+                        f"{f'{name}.{attr}' if name else attr!r}, a view of its streamed weights, after its forward: "
+                        "the staging buffer is refilled with other weights, so keeping a reference to a streamed "
+                        "weight across forwards is unsupported; compute it inside forward, or map this module to "
+                        "'cpu' or a GPU instead of 'nvme'"
+                    )
 
     def _put_back(self) -> None:
         for owner, attr, is_param, _, meta in self._slots:
             (owner._parameters if is_param else owner._buffers)[attr] = meta
+        self.prefetcher.release(self.group, self)
         self._held = False
-        self.prefetcher.release(self.group)
 
     def abort(self) -> None:
-        """The module's forward raised: give the group back so the next forward starts clean."""
+        """The module's forward raised (or was interrupted): give the group back so the next forward starts clean."""
         if self._held:
             self._put_back()
 
@@ -158,17 +202,81 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         return module
 
 
+def _views_staging(tensor: torch.Tensor, staging: frozenset[int]) -> bool:
+    return (
+        tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and tensor.untyped_storage().data_ptr() in staging
+    )
+
+
+def _owned(value: Any, staging: frozenset[int]) -> Any:
+    """``value`` with every tensor that views a staging buffer replaced by a copy, however it is nested.
+
+    Walks tuples (named too), lists, mappings (dicts, ``ModelOutput``, diffusers ``BaseOutput``) and dataclasses; a
+    container is copied only when something in it was, so untouched outputs keep their identity.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.clone() if _views_staging(value, staging) else value
+    if isinstance(value, (tuple, list)):
+        items = [_owned(item, staging) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            copied = copy.copy(value)
+            copied[:] = items
+            return copied
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, Mapping):
+        changed = {key: new for key, item in value.items() if (new := _owned(item, staging)) is not item}
+        if not changed or not isinstance(value, MutableMapping):
+            return value
+        copied = copy.copy(value)
+        for key, new in changed.items():
+            copied[key] = new
+        return copied
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = {
+            f.name: new
+            for f in dataclasses.fields(value)
+            if (new := _owned(item := getattr(value, f.name), staging)) is not item
+        }
+        if not changed:
+            return value
+        copied = copy.copy(value)
+        for name, new in changed.items():
+            object.__setattr__(copied, name, new)
+        return copied
+    return value
+
+
+def _recover(prefetcher: Prefetcher) -> None:
+    """No module of this model is running: give back whatever an interrupted forward left in use."""
+    for holder in prefetcher.recover():
+        if isinstance(holder, NvmeAlignDevicesHook):
+            holder.abort()
+
+
 def attach_nvme_hook(module: torch.nn.Module, hook: NvmeAlignDevicesHook) -> None:
-    """``add_hook_to_module``, plus a guard that releases the group when the module's forward raises."""
+    """``add_hook_to_module``, plus a guard: forwards of one model take turns, and one that raises gives its group back.
+
+    The model's lock is reentrant (nested hooked modules); the outermost hooked call of a thread first recovers what
+    an interrupted forward may have left in use.
+    """
     add_hook_to_module(module, hook)
     forward = module.forward
 
     @functools.wraps(forward)
     def guarded_forward(*args, **kwargs):
-        try:
-            return forward(*args, **kwargs)
-        except BaseException:
-            hook.abort()
-            raise
+        lock = hook.prefetcher.forward_lock
+        outermost = not lock._is_owned()  # ground truth, unlike a counter an interrupt could leave wrong
+        with lock:
+            try:
+                if outermost:
+                    _recover(hook.prefetcher)
+                return forward(*args, **kwargs)
+            except BaseException:
+                hook.abort()
+                raise
 
     module.forward = guarded_forward

@@ -75,6 +75,7 @@ class FileReader:
 
     def __init__(self, direct_io: str = "auto", io_threads: int = 4, request_bytes: int = 4 << 20):
         self.direct_io = direct_io
+        self.io_threads = io_threads
         self.request_bytes = request_bytes
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="accel-nvme-io")
         self._fds: dict[Path, tuple[int, bool]] = {}

@@ -9,14 +9,22 @@ it without a second read. On CUDA the
 I/O thread that completes a read also issues the host-to-device copy on a side stream and records an event; the
 compute stream waits on that event, and the device memory is released with ``record_stream`` so the caching
 allocator does not reuse it before the compute stream is done with it.
+
+State survives interruptions (Ctrl-C at any moment of a forward): a group's holders are a set, so releasing twice is
+harmless; a buffer is free when no registered slot owns it, so none is ever lost; and ``recover`` clears what an
+interrupted forward left marked in use. A forked child gets fresh locks and reader threads (``os.register_at_fork``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import queue
 import threading
 import time
+import weakref
+from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +116,7 @@ class _Slot:
     error: BaseException | None = None
     device_data: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
-    users: int = 0
+    holders: set[Hashable] = field(default_factory=set)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -143,7 +151,10 @@ def _views(source: GroupSource, data: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class Prefetcher:
-    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and hands out tensor views of them."""
+    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and hands out tensor views of them.
+
+    One per dispatched model; ``forward_lock`` (reentrant) is the model's: its hooks hold it around each forward.
+    """
 
     def __init__(
         self,
@@ -173,13 +184,19 @@ class Prefetcher:
         largest = max((s.nbytes for s in sources), default=0)
         pin = device if self._cuda else None
         self._buffers = [StagingBuffer(largest, pin) for _ in range(min(self._max_slots, max(1, len(sources))))]
-        self._free = list(self._buffers)
         self._pointers = frozenset(b.tensor.data_ptr() for b in self._buffers)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()  # entered with C-level ``with`` only: an interrupt cannot leave it held
+        self._cond = threading.Condition(self._lock)
+        self.forward_lock = threading.RLock()
+        self._forked_from: int | None = None
         self._closed = False
         self._attached = 0
         self._resident: dict[int, _Slot] = {}
         self._verified: set[int] = set()
+        self._requests: queue.SimpleQueue[tuple[int, _Slot] | None] = queue.SimpleQueue()
+        self._scheduler: threading.Thread | None = None
+        self._start_scheduler()
+        _LIVE.add(self)
         try:
             for index, where in (resident or {}).items():
                 self._resident[index] = self._load_resident(sources[index], on_device=where == "device")
@@ -241,38 +258,45 @@ class Prefetcher:
             data = slot.buffer.tensor
         return _views(slot.source, data)
 
-    def acquire(self, index: int, caller: int | None = None) -> dict[str, torch.Tensor]:
+    def acquire(self, index: int, caller: Hashable | None = None) -> dict[str, torch.Tensor]:
         """The tensors of group ``index`` on the execution device, ready for the compute stream.
 
-        ``caller`` identifies the module asking (several modules may share a group), for counting forwards.
+        ``caller`` (the module's hook; several modules may share a group) holds the group until ``release``.
         """
+        if self._forked_from is not None:
+            raise RuntimeError(
+                f"this model's nvme groups stream to {self.device}, set up in process {self._forked_from}; CUDA cannot "
+                f"be used in a forked child (pid {os.getpid()}): start workers with the 'spawn' method, or dispatch "
+                "the model in the child"
+            )
         caller = index if caller is None else caller
         resident = self._resident.get(index)
         if resident is not None:
-            with self._cond:
+            with self._lock:
                 self._count_forward(caller)
                 self._learn(index)
                 self._top_up(index)
             return self._resident_views(resident)
-        with self._cond:
+        with self._lock:
             self._count_forward(caller)
             self._learn(index)
             slot = self._slots.get(index)
             if slot is None:
                 slot = self._start_now(index)
-            slot.users += 1
+            slot.holders.add(caller)
             self._top_up(index)
         try:
             if not slot.done.is_set():
                 waited = time.perf_counter()
-                slot.done.wait()
+                with self._lock:  # not ``Event.wait``: interrupted, its own lock could stay held and stall the reader
+                    self._cond.wait_for(slot.done.is_set)
                 self.stats.stall_seconds += time.perf_counter() - waited
             if slot.error is not None:
                 raise slot.error
         except BaseException:
-            with self._cond:
-                slot.users -= 1
-                if slot.error is not None and slot.users == 0 and self._slots.get(index) is slot:
+            with self._lock:
+                slot.holders.discard(caller)
+                if slot.error is not None and not slot.holders and self._slots.get(index) is slot:
                     self._drop(index)
             raise
         if self._cuda:
@@ -284,17 +308,31 @@ class Prefetcher:
             data = slot.buffer.tensor
         return _views(slot.source, data)
 
-    def release(self, index: int) -> None:
-        """A module is done with group ``index``; its buffer is refilled once another group is acquired."""
-        with self._cond:
+    def release(self, index: int, caller: Hashable | None = None) -> None:
+        """``caller`` is done with group ``index`` (again: harmless); its buffer is refilled once unused and needed."""
+        with self._lock:
             slot = self._slots.get(index)
             if slot is not None:
-                slot.users -= 1
+                slot.holders.discard(index if caller is None else caller)
             self._released_at = time.perf_counter()
+
+    def recover(self) -> list[Hashable]:
+        """Forget what an interrupted forward left in use; call only when none of the model's modules is running.
+
+        Returns the callers that still held a group (their modules may still hold views of it).
+        """
+        with self._lock:
+            leaked = []
+            for slot in self._slots.values():
+                leaked.extend(slot.holders)
+                slot.holders.clear()
+        if leaked:
+            logger.info("%d nvme group holder(s) left by an interrupted forward were released", len(leaked))
+        return leaked
 
     def forward_stats(self) -> list[ForwardStats]:
         """The last forwards (up to 64), oldest first; the one in progress, if any, last."""
-        with self._cond:
+        with self._lock:
             keep = HISTORY - 1 if self._seen else HISTORY
             done = [self._history[i % HISTORY] for i in range(max(0, self._forwards - keep), self._forwards)]
             records = [ForwardStats(**vars(r)) for r in done]
@@ -350,50 +388,81 @@ class Prefetcher:
     def _top_up(self, index: int) -> None:
         wanted = self._upcoming(index)
         for other, slot in list(self._slots.items()):
-            if other != index and slot.users == 0 and other not in wanted and slot.done.is_set():
+            if other != index and not slot.holders and other not in wanted and slot.done.is_set():
                 self._drop(other)
         for group in wanted:
-            if group not in self._slots and self._free and len(self._slots) < self._max_slots:
-                self._start(group)
+            if group not in self._slots and len(self._slots) < self._max_slots:
+                buffer = self._free_buffer()
+                if buffer is None:
+                    break
+                self._start(group, buffer)
+
+    def _free_buffer(self) -> StagingBuffer | None:
+        """A staging buffer no registered slot owns (derived, so an interrupted start or drop never loses one)."""
+        owned = {id(slot.buffer) for slot in self._slots.values()}
+        return next((b for b in self._buffers if id(b) not in owned), None)
 
     def _start_now(self, index: int) -> _Slot:
-        while not self._free or len(self._slots) >= self._max_slots:
-            idle = [i for i, s in self._slots.items() if s.users == 0]
-            if not idle and len(self._slots) >= self._max_slots:
-                raise RuntimeError(
-                    f"{len(self._slots)} nvme groups are in use at once, more than prefetch_depth + 1 = "
-                    f"{self._max_slots}; raise prefetch_depth"
-                )
-            if idle:
-                victim = min(idle, key=lambda i: not self._slots[i].done.is_set())
-                slot = self._slots[victim]
-                self._cond.wait_for(slot.done.is_set)
-                if self._slots.get(victim) is slot and slot.users == 0:
-                    self._drop(victim)
-            elif not self._free:
-                self._cond.wait()
-        return self._start(index)
+        while True:
+            buffer = self._free_buffer() if len(self._slots) < self._max_slots else None
+            if buffer is not None:
+                return self._start(index, buffer)
+            idle = [i for i, s in self._slots.items() if not s.holders]
+            if not idle:
+                if len(self._slots) >= self._max_slots or all(s.done.is_set() for s in self._slots.values()):
+                    raise RuntimeError(
+                        f"{len(self._slots)} nvme groups are in use at once, more than prefetch_depth + 1 = "
+                        f"{self._max_slots}; raise prefetch_depth"
+                    )
+                self._cond.wait()  # a device copy is handing its staging buffer back
+                continue
+            victim = min(idle, key=lambda i: not self._slots[i].done.is_set())
+            slot = self._slots[victim]
+            self._cond.wait_for(slot.done.is_set)
+            if self._slots.get(victim) is slot and not slot.holders:
+                self._drop(victim)
 
-    def _start(self, index: int) -> _Slot:
+    def _start(self, index: int, buffer: StagingBuffer) -> _Slot:
+        """Register a slot for ``index`` and ask the scheduler thread to queue its reads (called holding the lock).
+
+        The reads are queued by another thread because ``ThreadPoolExecutor.submit`` is not interrupt-safe (a Ctrl-C
+        inside it can leave the pool's semaphore locked for good); signals only interrupt the main thread. The request
+        is put before the slot is registered, in one C-level step each: the scheduler, which waits for this lock,
+        then finds the slot registered, or nothing to do.
+        """
         if self._closed:
             raise RuntimeError("the prefetcher was closed (its hooks were removed)")
-        source = self.sources[index]
-        slot = _Slot(source, self._free.pop())
+        slot = _Slot(self.sources[index], buffer)
+        self._requests.put((index, slot))
         self._slots[index] = slot
-        try:
-            futures = self.reader.submit(list(source.segments), slot.buffer)
-        except BaseException:
-            self._drop(index)
-            raise
-        slot.pending = len(futures)
-        if not futures:
-            self._finish(slot)
-        for future in futures:
-            future.add_done_callback(lambda f, s=slot: self._on_read(s, f))
         return slot
 
+    def _start_scheduler(self) -> None:
+        self._scheduler = threading.Thread(
+            target=_schedule, args=(weakref.ref(self), self._requests), name="accel-nvme-schedule", daemon=True
+        )
+        self._scheduler.start()
+        weakref.finalize(self, self._requests.put, None)  # a collected prefetcher stops its scheduler
+
+    def _submit(self, index: int, slot: _Slot) -> None:
+        """On the scheduler thread: queue the reads of a slot that is still registered."""
+        with self._lock:
+            if self._closed or self._slots.get(index) is not slot:
+                return
+            try:
+                futures = self.reader.submit(list(slot.source.segments), slot.buffer)
+            except BaseException as e:
+                slot.error = e
+                futures = []
+            slot.pending = len(futures)
+            this = weakref.ref(self)  # reads in flight do not keep a dropped model's prefetcher alive
+            for future in futures:
+                future.add_done_callback(lambda f, s=slot: _read_done(this, s, f))
+        if not futures:
+            self._finish(slot)
+
     def _on_read(self, slot: _Slot, future: Future) -> None:
-        with self._cond:
+        with self._lock:
             if future.cancelled():
                 slot.error = slot.error or RuntimeError(f"read of nvme group {slot.source.name!r} was cancelled")
             elif future.exception() is not None:
@@ -422,7 +491,7 @@ class Prefetcher:
         except BaseException as e:
             slot.error = e
         finally:
-            with self._cond:
+            with self._lock:
                 slot.done.set()
                 self._cond.notify_all()
 
@@ -446,31 +515,76 @@ class Prefetcher:
             slot.copied = torch.cuda.Event()
             slot.copied.record(self._side_stream)
         slot.copied.synchronize()
-        with self._cond:
-            self._free.append(slot.buffer)
+        with self._lock:
             slot.buffer = None
             self._cond.notify_all()
 
     def _drop(self, index: int) -> None:
         slot = self._slots.pop(index)
         slot.device_data = None
-        if slot.buffer is not None:
-            self._free.append(slot.buffer)
-            slot.buffer = None
+        slot.buffer = None
         self._cond.notify_all()
 
     def close(self) -> None:
         """Wait for reads in flight, stop the reader's threads, close its files and free every staging buffer."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            slots = list(self._slots.values())
-        for slot in slots:
-            slot.done.wait()
-        with self._cond:
+            slots = [slot for slot in self._slots.values() if slot.pending or slot.done.is_set()]
+            for slot in slots:
+                self._cond.wait_for(slot.done.is_set)
             self._slots.clear()
-            self._free.clear()
+        self._requests.put(None)
+        if self._scheduler is not None and self._scheduler is not threading.current_thread():
+            self._scheduler.join()
         self.reader.close()
-        for buffer in self._buffers + [r.buffer for r in self._resident.values() if r.buffer is not None]:
+        resident = [r.buffer for r in self._resident.values() if r.buffer is not None]
+        for buffer in self._buffers + resident:
             buffer.close()
         self._buffers = []
         self._resident.clear()
+        _LIVE.discard(self)
+
+    def _after_fork_in_child(self) -> None:
+        """This process is a fork: the parent's reader threads and lock holders do not exist here."""
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self.forward_lock = threading.RLock()
+        self._slots.clear()  # reads in flight at the fork never complete here; the buffers hold a copy, no writer
+        self._seen.clear()
+        if self._cuda:
+            self._forked_from = os.getppid()
+        elif not self._closed:
+            self.reader = FileReader(self.reader.direct_io, self.reader.io_threads, self.reader.request_bytes)
+            self._requests = queue.SimpleQueue()
+            self._start_scheduler()
+
+
+_LIVE: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
+
+
+def _schedule(prefetcher: weakref.ref[Prefetcher], requests: queue.SimpleQueue) -> None:
+    """The scheduler thread: queues the reads of each started slot; it holds nothing while it waits."""
+    while _serve(prefetcher, requests.get()):
+        pass
+
+
+def _serve(prefetcher: weakref.ref[Prefetcher], request: tuple[int, _Slot] | None) -> bool:
+    owner = prefetcher()
+    if request is None or owner is None:
+        return False
+    owner._submit(*request)
+    return True
+
+
+def _read_done(prefetcher: weakref.ref[Prefetcher], slot: _Slot, future: Future) -> None:
+    owner = prefetcher()
+    if owner is not None:
+        owner._on_read(slot, future)
+
+
+def _after_fork_in_child() -> None:
+    for prefetcher in list(_LIVE):
+        prefetcher._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
