@@ -80,7 +80,8 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self.group_name = group_name
         self.members = members
         self._slots: list[tuple[torch.nn.Module, str, bool, str, torch.Tensor]] = []
-        self._held = False  # this hook may hold its group (set before acquiring, cleared once given back)
+        self._held: object | None = None  # who holds the group through this hook (set before acquiring)
+        self._guarded_submodules: list[tuple[torch.nn.Module, Any]] = []  # and the ``forward`` each had before
         self._staged = False  # the module holds views of a staging buffer (not device copies, not clones)
 
     def __repr__(self) -> str:
@@ -109,21 +110,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     @_compiler_disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Take the group's tensors from the prefetcher and place the inputs on the execution device."""
-        if self._held:
-            self._put_back()
-        grad = torch.is_grad_enabled()
-        if grad:
-            self._warn_frozen()
-        self._held = True  # before acquiring: whatever happens next, ``abort`` gives the group back
-        tensors = self.prefetcher.acquire(self.group, self)
-        # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies.
-        copy_out = grad and not self.prefetcher.on_cuda
-        for owner, attr, is_param, full, _ in self._slots:
-            value = tensors[full].clone() if copy_out else tensors[full]
-            if is_param:
-                value = torch.nn.Parameter(value, requires_grad=False)
-            (owner._parameters if is_param else owner._buffers)[attr] = value
-        self._staged = not copy_out and not self.prefetcher.on_cuda
+        self._take(self)
         if self.io_same_device:
             self.input_device = find_device([args, kwargs])
         return send_to_device(args, self.execution_device), send_to_device(
@@ -142,6 +129,26 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         if self.io_same_device and self.input_device is not None:
             output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
         return output
+
+    def _take(self, caller: object) -> None:
+        """Acquire the group for ``caller`` (this hook, or a submodule called on its own) and install its tensors."""
+        if self._held is not None:
+            self._put_back()
+        grad = torch.is_grad_enabled()
+        if grad:
+            self._warn_frozen()
+        self._held = caller  # before acquiring: whatever happens next, ``abort`` gives the group back
+        tensors = self.prefetcher.acquire(self.group, caller)
+        # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. They keep
+        # the original ``requires_grad``, which some kernels look at (bits equal to the model in RAM); the copies'
+        # gradients are dropped with them, so the model's weights still get no ``.grad``.
+        copy_out = grad and not self.prefetcher.on_cuda
+        for owner, attr, is_param, full, meta in self._slots:
+            value = tensors[full].clone() if copy_out else tensors[full]
+            if is_param:
+                value = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
+            (owner._parameters if is_param else owner._buffers)[attr] = value
+        self._staged = not copy_out and not self.prefetcher.on_cuda
 
     def _warn_frozen(self) -> None:
         """Once per model: a forward with grad enabled, and a streamed weight that asks for a gradient it cannot get."""
@@ -184,18 +191,24 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     def _put_back(self) -> None:
         for owner, attr, is_param, _, meta in self._slots:
             (owner._parameters if is_param else owner._buffers)[attr] = meta
-        self.prefetcher.release(self.group, self)
-        self._held = False
+        self.prefetcher.release(self.group, self._held)
+        self._held = None
 
     def abort(self) -> None:
         """The module's forward raised (or was interrupted): give the group back so the next forward starts clean."""
-        if self._held:
+        if self._held is not None:
             self._put_back()
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
-        if self._held:
+        if self._held is not None:
             self._put_back()
+        for submodule, forward in self._guarded_submodules:
+            if forward is None:
+                del submodule.forward
+            else:
+                submodule.forward = forward
+        self._guarded_submodules.clear()
         for local in self.members:
             set_module_tensor_to_device(module, local, "cpu", value=self.weights_map[local])
         self.prefetcher.detach()
@@ -253,30 +266,75 @@ def _owned(value: Any, staging: frozenset[int]) -> Any:
 def _recover(prefetcher: Prefetcher) -> None:
     """No module of this model is running: give back whatever an interrupted forward left in use."""
     for holder in prefetcher.recover():
-        if isinstance(holder, NvmeAlignDevicesHook):
+        if isinstance(holder, (NvmeAlignDevicesHook, _SubmoduleCall)):
             holder.abort()
 
 
-def attach_nvme_hook(module: torch.nn.Module, hook: NvmeAlignDevicesHook) -> None:
-    """``add_hook_to_module``, plus a guard: forwards of one model take turns, and one that raises gives its group back.
+class _SubmoduleCall:
+    """Holds a group for a module inside it that was called on its own (DiT's root calls
+    ``transformer_blocks[0].norm1.emb``, as accelerate's per-leaf hooks allow)."""
 
-    The model's lock is reentrant (nested hooked modules); the outermost hooked call of a thread first recovers what
-    an interrupted forward may have left in use.
-    """
-    add_hook_to_module(module, hook)
-    forward = module.forward
+    def __init__(self, hook: NvmeAlignDevicesHook):
+        self.hook = hook
+
+    def abort(self) -> None:
+        self.hook.abort()
+
+
+def _loading_group(forward: Any, module: torch.nn.Module, hook: NvmeAlignDevicesHook) -> Any:
+    """A submodule's ``forward`` that loads its group (``module``'s) when called outside the group's forward."""
+    caller = _SubmoduleCall(hook)
+
+    @functools.wraps(forward)
+    def load_group_and_forward(*args, **kwargs):
+        if hook._held is not None:
+            return forward(*args, **kwargs)  # inside the group's forward: its tensors are in place
+        hook._take(caller)
+        if hook.io_same_device:
+            hook.input_device = find_device([args, kwargs])
+        args = send_to_device(args, hook.execution_device)
+        kwargs = send_to_device(kwargs, hook.execution_device, skip_keys=hook.skip_keys)
+        return hook.post_forward(module, forward(*args, **kwargs))
+
+    return load_group_and_forward
+
+
+def _guarded(forward: Any, hook: NvmeAlignDevicesHook) -> Any:
+    """``forward`` under the model's lock; one that raises gives the group back."""
 
     @functools.wraps(forward)
     def guarded_forward(*args, **kwargs):
         lock = hook.prefetcher.forward_lock
         outermost = not lock._is_owned()  # ground truth, unlike a counter an interrupt could leave wrong
         with lock:
-            try:
-                if outermost:
-                    _recover(hook.prefetcher)
-                return forward(*args, **kwargs)
-            except BaseException:
-                hook.abort()
-                raise
+            # One call, no ``try`` here: CPython's exception table misses the NOP of a ``try`` inside a ``with`` body,
+            # so an exception raised there (by a trace function) would skip ``__exit__`` and leave the lock held.
+            return _forward_or_abort(forward, hook, outermost, args, kwargs)
 
-    module.forward = guarded_forward
+    return guarded_forward
+
+
+def _forward_or_abort(forward: Any, hook: NvmeAlignDevicesHook, outermost: bool, args: tuple, kwargs: dict) -> Any:
+    if outermost:
+        _recover(hook.prefetcher)
+    try:
+        return forward(*args, **kwargs)
+    except BaseException:
+        hook.abort()
+        raise
+
+
+def attach_nvme_hook(module: torch.nn.Module, hook: NvmeAlignDevicesHook) -> None:
+    """``add_hook_to_module``, plus a guard: forwards of one model take turns, and one that raises gives its group back.
+
+    The model's lock is reentrant (nested hooked modules); the outermost hooked call of a thread first recovers what
+    an interrupted forward may have left in use. Submodules owning streamed tensors load the group when called on
+    their own (outside the group module's forward).
+    """
+    add_hook_to_module(module, hook)
+    module.forward = _guarded(module.forward, hook)
+    owners = {id(owner) for owner, *_ in hook._slots}
+    for submodule in module.modules():
+        if submodule is not module and id(submodule) in owners:
+            hook._guarded_submodules.append((submodule, vars(submodule).get("forward")))
+            submodule.forward = _guarded(_loading_group(submodule.forward, module, hook), hook)

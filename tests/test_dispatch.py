@@ -288,3 +288,33 @@ def test_a_tensor_key_inside_an_nvme_block_keeps_its_own_device(offload_dir):
     assert model.body.layers[1].scale.device.type == "cpu" and model.body.layers[0].scale.device.type == "meta"
     with torch.inference_mode():
         assert torch.equal(model(IDS), expected)
+
+
+@pytest.mark.parametrize("device_map", [{"": "nvme"}, "auto_blocks"])
+def test_a_submodule_called_outside_its_group_loads_the_group(offload_dir, device_map):
+    """DiT's root calls ``transformer_blocks[0].norm1.emb`` itself, before that block runs (accelerate hooks leaves)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=3, norm_num_groups=4, sample_size=8
+    ).eval()
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        "timestep": torch.tensor([3]),
+        "class_labels": torch.tensor([1]),
+    }
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    if device_map == "auto_blocks":
+        device_map = {"pos_embed": "cpu", "transformer_blocks": "nvme", "proj_out_1": "cpu", "proj_out_2": "cpu"}
+    emb = model.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1
+    model = accel_nvme.dispatch_model(model, device_map, offload_dir=offload_dir, main_device="cpu")
+    assert accel_nvme.stats(model).groups >= 3
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(**inputs).sample, expected)
+        assert emb.weight.device.type == "meta"  # the group went back after the direct call
+    remove_hook_from_submodules(model)
+    assert "forward" not in vars(emb) or getattr(vars(emb)["forward"], "__wrapped__", None) is None
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, expected)
