@@ -56,7 +56,7 @@ class Saved:
     model: torch.nn.Module
     folder: Path
     expected: torch.Tensor
-    expected_with_grad: torch.Tensor
+    expected_with_grad: tuple[torch.Tensor, torch.Tensor | None]
 
     @property
     def size(self) -> int:
@@ -122,9 +122,21 @@ def saved(name: str, folder: Path) -> Saved:
         save_model(model, str(path / "accelerate" / "model.safetensors"), metadata={"format": "pt"})
         with torch.no_grad():
             expected = spec.run(model, spec.inputs())
-        expected_with_grad = spec.run(model, spec.inputs()).detach()  # T5 differs in the last bit with grad on
+        expected_with_grad = run_with_grad(spec, model)  # T5 differs in the last bit with grad on
         _SAVED[name] = Saved(spec, model, path, expected, expected_with_grad)
     return _SAVED[name]
+
+
+def run_with_grad(spec: Spec, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output with grad enabled, and the gradient of its sum for the first floating-point input (if any)."""
+    inputs = spec.inputs()
+    name = next((k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    with torch.enable_grad():
+        if name is not None:
+            inputs[name].requires_grad_(True)
+        out = spec.run(model, inputs)
+        grad = torch.autograd.grad(out.sum(), inputs[name])[0] if name is not None else None
+    return out.detach(), grad
 
 
 def load(case: Saved, entry: str, tier: str, offload: Path) -> torch.nn.Module:
@@ -182,7 +194,7 @@ class WeightAlignment(TorchFunctionMode):
 
 
 def assert_exact(case: Saved, model: torch.nn.Module, what: str, resident_aligned: bool | None = None) -> None:
-    """Outputs equal the model in RAM under no_grad and with grad.
+    """Outputs equal the model in RAM under no_grad and with grad, and so does the gradient of a floating-point input.
 
     With ``resident_aligned`` not None (the nvme tier), every streamed weight is read 64-byte aligned, and so is
     every weight kept in RAM when ``resident_aligned`` (transformers' own loading leaves those as views into the
@@ -198,10 +210,9 @@ def assert_exact(case: Saved, model: torch.nn.Module, what: str, resident_aligne
             f"{spec.name} {what}: {len(wrong)} weight reads not 64-byte aligned, first (op, shape, address % 64, "
             f"streamed): {wrong[0]}"
         )
-    with torch.enable_grad():
-        out = spec.run(model, spec.inputs()).detach()
-    expected = case.expected_with_grad
+    (out, grad), (expected, expected_grad) = run_with_grad(spec, model), case.expected_with_grad
     assert torch.equal(out, expected), f"{spec.name} {what} with grad: max diff {_diff(out, expected)}"
+    assert grad is None or torch.equal(grad, expected_grad), f"{spec.name} {what}: input gradient differs"
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float | str:
