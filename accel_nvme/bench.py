@@ -1082,7 +1082,7 @@ def best_raw_rate(results: list[dict], batch: int) -> float | None:
 def nvme_auto_summary(results: list[dict], batches: Iterable[int]) -> dict | None:
     """nvme with ``resident_budget="auto"`` against its bound and the disk anchors, per batch (warm forwards, min).
 
-    ``bound_s`` = max(bytes it streams per forward / the run's best raw read rate, the in-RAM forward);
+    ``bound_s`` = max(bytes it streams per forward / the run's best raw read rate, the in-RAM forward (min of all));
     ``speedup_warm`` = the faster anchor's warm forward / nvme_auto's. None when nvme_auto did not run.
     """
     auto = _result(results, "nvme_auto")
@@ -1097,7 +1097,8 @@ def nvme_auto_summary(results: list[dict], batches: Iterable[int]) -> dict | Non
         streamed = min(entry["streamed_bytes"][len(entry["times_s"]) :] or entry["streamed_bytes"], default=None)
         rate = best_raw_rate(results, batch)
         io_s = streamed / rate if streamed is not None and rate else None
-        compute_s = _time(results, "ram", batch)
+        ram = [t for key in ("min_s", "warm_min_s") if (t := _time(results, "ram", batch, key)) is not None]
+        compute_s = min(ram, default=None)  # in RAM, cold and warm forwards are the same work
         bound = max((t for t in (io_s, compute_s) if t is not None), default=None)
         growth = max(entry["file_cache_growth_mb"] + entry["warm_file_cache_growth_mb"])
         summary["batches"][str(batch)] = {
