@@ -1558,7 +1558,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
             for t, offset in ((cold[i], -0.2), (warm[i], 0.2)):
                 if t:
                     ax.text(t, i + offset, f" {t:.3g}", va="center", fontsize=8)
-        ram = _time(results, "ram", batch)
+        ram = min((t for k in ("min_s", "warm_min_s") if (t := _time(results, "ram", batch, k))), default=None)
         raw = min((t for t in (_time(results, m, batch) for m in RAW_MODES) if t), default=None)
         bound = ((report.get("nvme_auto") or {}).get("batches") or {}).get(str(batch), {}).get("bound_s")
         for value, label, style in (
