@@ -24,6 +24,7 @@ import mmap
 import os
 import platform
 import resource
+import select
 import shutil
 import statistics
 import subprocess
@@ -58,6 +59,7 @@ LLAMA_MAX_HIDDEN = 2048  # keeps one decoder layer (one nvme group) near 200 MB,
 LLAMA_MIN_LAYERS = 4
 MIN_FREE_RAM_BYTES = 800_000_000  # one worker: interpreter, torch and transformers (~0.3 GB), staging, activations
 BALLAST_CHUNK_BYTES = 64 << 20
+BALLAST_POLL_S = 0.05  # while a mode runs, the ballast takes back what other processes free this often
 SQUEEZE_STAGING_SHARE = 0.15  # under --free-ram, nvme's staging buffers (3 decoder layers) stay within this share
 
 
@@ -769,8 +771,9 @@ def _ballast_main(free_bytes: int, parent_pid: int) -> None:
 
     Its oom_score_adj is 1000, so under memory pressure the OOM killer takes the ballast, never a mode or another
     process. Each line ``adjust`` on stdin tops it up or releases chunks to bring MemAvailable back to ``free_bytes``;
-    each reply on stdout is ``<held bytes> <available bytes>``. End of stdin (the parent closed it, exited or was
-    killed) ends the process, and with it the memory.
+    each reply on stdout is ``<held bytes> <available bytes>``. Between lines (while a mode runs) it only takes: what
+    other processes free is held at once, so a mode never gets more than ``free_bytes`` (plus a margin) for its
+    page cache. End of stdin (the parent closed it, exited or was killed) ends the process, and with it the memory.
     """
     _die_with_parent(parent_pid)
     with open("/proc/self/oom_score_adj", "w") as f:
@@ -778,7 +781,7 @@ def _ballast_main(free_bytes: int, parent_pid: int) -> None:
     fill = b"\x5a" * BALLAST_CHUNK_BYTES
     chunks: list[mmap.mmap] = []
 
-    def adjust() -> None:
+    def adjust(release: bool) -> None:
         for _ in range(100_000):  # measured again after each step: other processes allocate and free meanwhile
             excess = _meminfo_available() - free_bytes
             if excess >= BALLAST_CHUNK_BYTES // 4:
@@ -786,16 +789,25 @@ def _ballast_main(free_bytes: int, parent_pid: int) -> None:
                 chunk = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                 chunk.write(fill[:size])  # touched: every page is resident, not a promise
                 chunks.append(chunk)
-            elif chunks and excess < -BALLAST_CHUNK_BYTES // 2:
+            elif release and chunks and excess < -BALLAST_CHUNK_BYTES // 2:
                 chunks.pop().close()
             else:
                 break
+
+    def reply() -> None:
         print(sum(len(c) for c in chunks), _meminfo_available(), flush=True)
 
-    adjust()
-    for line in sys.stdin:
-        if line.strip() == "adjust":
-            adjust()
+    adjust(release=True)
+    reply()
+    while True:
+        if select.select([sys.stdin], [], [], BALLAST_POLL_S)[0]:
+            line = sys.stdin.readline()
+            if not line:
+                return
+            adjust(release=True)
+            reply()
+        else:
+            adjust(release=False)
 
 
 class Ballast:
@@ -1070,7 +1082,7 @@ def best_raw_rate(results: list[dict], batch: int) -> float | None:
 def nvme_auto_summary(results: list[dict], batches: Iterable[int]) -> dict | None:
     """nvme with ``resident_budget="auto"`` against its bound and the disk anchors, per batch (warm forwards, min).
 
-    ``bound_s`` = max(bytes it streams per forward / the run's best raw read rate, the in-RAM forward);
+    ``bound_s`` = max(bytes it streams per forward / the run's best raw read rate, the in-RAM forward (min of all));
     ``speedup_warm`` = the faster anchor's warm forward / nvme_auto's. None when nvme_auto did not run.
     """
     auto = _result(results, "nvme_auto")
@@ -1085,7 +1097,8 @@ def nvme_auto_summary(results: list[dict], batches: Iterable[int]) -> dict | Non
         streamed = min(entry["streamed_bytes"][len(entry["times_s"]) :] or entry["streamed_bytes"], default=None)
         rate = best_raw_rate(results, batch)
         io_s = streamed / rate if streamed is not None and rate else None
-        compute_s = _time(results, "ram", batch)
+        ram = [t for key in ("min_s", "warm_min_s") if (t := _time(results, "ram", batch, key)) is not None]
+        compute_s = min(ram, default=None)  # in RAM, cold and warm forwards are the same work
         bound = max((t for t in (io_s, compute_s) if t is not None), default=None)
         growth = max(entry["file_cache_growth_mb"] + entry["warm_file_cache_growth_mb"])
         summary["batches"][str(batch)] = {
@@ -1285,7 +1298,12 @@ def run(
             results["ram"]["squeezed"] = False
         if free_ram is not None:
             ballast = Ballast(free_ram)
-            squeeze = {"free_ram_bytes": free_ram, "held_at_start_bytes": ballast.held_bytes, "modes": {}}
+            squeeze = {
+                "free_ram_bytes": free_ram,
+                "held_at_start_bytes": ballast.held_bytes,
+                "available_at_start_bytes": ballast.available_bytes,
+                "modes": {},
+            }
         for mode in (m for m in modes if m not in results):
             if ballast is not None:
                 held, now = ballast.adjust()
@@ -1540,7 +1558,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
             for t, offset in ((cold[i], -0.2), (warm[i], 0.2)):
                 if t:
                     ax.text(t, i + offset, f" {t:.3g}", va="center", fontsize=8)
-        ram = _time(results, "ram", batch)
+        ram = min((t for k in ("min_s", "warm_min_s") if (t := _time(results, "ram", batch, k))), default=None)
         raw = min((t for t in (_time(results, m, batch) for m in RAW_MODES) if t), default=None)
         bound = ((report.get("nvme_auto") or {}).get("batches") or {}).get(str(batch), {}).get("bound_s")
         for value, label, style in (

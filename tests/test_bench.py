@@ -100,7 +100,9 @@ def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(tmp_path):
     assert set(statuses) == set(bench.MODES)
     assert set(statuses.values()) == {"ok"}, [m.get("error") for m in report["modes"]]  # none killed, none failed
     squeeze = report["squeeze"]
-    assert squeeze["free_ram_bytes"] == free and squeeze["held_at_start_bytes"] > 0
+    assert squeeze["free_ram_bytes"] == free
+    # it holds what is above free (others running tests meanwhile may have taken it all)
+    assert squeeze["held_at_start_bytes"] > 0 or squeeze["available_at_start_bytes"] < free + (512 << 20)
     assert set(squeeze["modes"]) == set(bench.MODES) - {"ram"}  # the reference runs before the squeeze
     for mode, held in squeeze["modes"].items():  # the ballast gives back what others took, while it holds some
         assert held["available_bytes"] < free + (512 << 20), (mode, held)
