@@ -34,7 +34,8 @@ class NvmeConfig:
     (0: one group per entry); ``verify_on_read`` checks each group against its digest on every read (else on its
     first read after a launch only);
     ``resident_budget`` (host RAM) and ``device_resident_budget`` (CUDA memory) keep that many bytes of groups
-    loaded once instead of streamed ("auto": half of the memory available at dispatch, less the staging buffers);
+    loaded once instead of streamed ("auto": the memory available at dispatch less the staging buffers and a
+    headroom, see ``residency``);
     ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error.
     """
 

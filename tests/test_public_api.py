@@ -24,6 +24,7 @@ MODULES = [
     "accel_nvme.hooks",
     "accel_nvme.dispatch",
     "accel_nvme.placement",
+    "accel_nvme.residency",
     "accel_nvme.maintenance",
     "accel_nvme.integrations",
     *sorted(f"accel_nvme.integrations.{m.name}" for m in pkgutil.iter_modules(accel_nvme.integrations.__path__)),
