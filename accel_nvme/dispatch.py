@@ -231,8 +231,10 @@ def _all_or_nothing(model: torch.nn.Module) -> Iterator[None]:
     """On any exception (KeyboardInterrupt included), put back every tensor, hook and attribute the block changed.
 
     Dispatch only replaces entries of modules' dicts (accelerate's ``set_module_tensor_to_device`` assigns new
-    tensors, hooks wrap ``forward`` in the instance dict), so shallow copies of those dicts are a full snapshot.
+    tensors, hooks wrap ``forward`` in the instance dict), so shallow copies of those dicts are a full snapshot. The
+    thread's grad mode is put back too: a Ctrl-C inside torch's ``no_grad`` enter/exit code can leave it off.
     """
+    grad_enabled = torch.is_grad_enabled()
     saved = [
         (
             module,
@@ -261,6 +263,7 @@ def _all_or_nothing(model: torch.nn.Module) -> Iterator[None]:
             module.__dict__.update(attributes)
             for name, kept in parameter_attributes.items():
                 parameters[name].__dict__.update(kept)
+        torch.set_grad_enabled(grad_enabled)
         logger.debug("dispatch of %s failed; the model was restored as it was", type(model).__name__)
         raise
 

@@ -54,6 +54,7 @@ def assert_unchanged(model, before, expected):
     assert after["attributes"] == before["attributes"], "a hook or attribute was left behind"
     assert all(torch.equal(after["values"][k], v) for k, v in before["values"].items())
     assert not [m for m in model.modules() if hasattr(m, "_hf_hook")]
+    assert torch.is_grad_enabled(), "the caller's grad mode was left off"
     assert torch.equal(logits(model), expected)
     new_threads = [t for t in threading.enumerate() if t.ident not in before["threads"]]
     assert not [t for t in new_threads if t.name.startswith("accel-nvme")], "reader threads left running"

@@ -155,14 +155,15 @@ def test_every_tensor_in_a_group_file_starts_64_byte_aligned_and_padding_is_reco
 @pytest.mark.parametrize("shape", [(64, 48), (333, 777)])
 def test_a_weight_stored_after_a_12_byte_tensor_streams_64_byte_aligned_and_exact(offload_dir, shape):
     torch.manual_seed(0)
-    model = nn.Sequential(ScaledLinear(*shape)).eval()
+    # a Linear kept in RAM beside it, so the nvme entry is not most of the model (which dispatch splits into blocks)
+    model = nn.Sequential(ScaledLinear(*shape), nn.Linear(shape[1], 2 * shape[1])).eval()
     x = torch.randn(1, shape[0], generator=torch.Generator().manual_seed(2))
     expected = reference(model, x)
     pointers = []
     model[0].lin.register_forward_pre_hook(
         lambda m, _: pointers.append((m.weight.data_ptr() % TENSOR_ALIGNMENT, m.bias.data_ptr() % TENSOR_ALIGNMENT))
     )
-    model = accel_nvme.dispatch_model(model, {"0": "nvme"}, offload_dir=offload_dir, main_device="cpu")
+    model = accel_nvme.dispatch_model(model, {"0": "nvme", "1": "cpu"}, offload_dir=offload_dir, main_device="cpu")
     (group,) = load_manifest(only_folder(offload_dir)).groups
     assert [e.name for e in group.entries] == ["0.scale", "0.lin.weight", "0.lin.bias"]
     hook = model[0]._hf_hook
