@@ -180,11 +180,18 @@ def test_ctrl_c_at_30_random_moments_of_dispatch_leaves_the_model_as_it_was(offl
     )
     model = tiny_llama()
     before = snapshot(model)
-    moments = sorted(random.Random(f"ctrl-c-{shape}").sample(range(1, int(total * 0.95)), 30))
+    # A dispatch's line count varies between runs (what earlier tests imported or cached): draw a few more moments
+    # than needed and require 30 of them to land inside a dispatch.
+    moments = sorted(random.Random(f"ctrl-c-{shape}").sample(range(1, int(total * 0.95)), 36))
+    fired = 0
     for moment in moments:
         gc.collect()  # readers of earlier models close their files when collected: not inside the traced dispatch
-        fired = interrupt_at(moment, lambda: accel_nvme.dispatch_model(model, MAPS[shape], offload_dir=offload_dir))
-        assert fired, f"dispatch finished before line event {moment} of {total}"
-        assert_unchanged(model, before, expected)
+        if interrupt_at(moment, lambda m=model: accel_nvme.dispatch_model(m, MAPS[shape], offload_dir=offload_dir)):
+            fired += 1
+            assert_unchanged(model, before, expected)
+        else:  # the dispatch finished before its moment: go on with an undispatched model
+            model = tiny_llama()
+            before = snapshot(model)
+    assert fired >= 30, f"only {fired} of {len(moments)} Ctrl-Cs landed inside a dispatch ({total} line events)"
     dispatched = accel_nvme.dispatch_model(model, MAPS[shape], offload_dir=offload_dir)
     assert torch.equal(logits(dispatched), expected)
