@@ -5,7 +5,7 @@ Importing the package makes ``accelerate.dispatch_model`` (and the copies transf
 """
 
 from .config import NvmeConfig
-from .dispatch import NvmeStats, dispatch_model, stats
+from .dispatch import NvmeStats, close, dispatch_model, group_files, stats
 from .hooks import NvmeAlignDevicesHook
 from .integrations import install, uninstall
 
@@ -13,7 +13,9 @@ __all__ = [
     "NvmeAlignDevicesHook",
     "NvmeConfig",
     "NvmeStats",
+    "close",
     "dispatch_model",
+    "group_files",
     "install",
     "stats",
     "uninstall",
