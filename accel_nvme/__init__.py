@@ -5,11 +5,21 @@ Importing the package makes ``accelerate.dispatch_model`` (and the copies transf
 """
 
 from .config import NvmeConfig
-from .dispatch import NvmeStats, dispatch_model, stats
+from .dispatch import NvmeStats, close, dispatch_model, group_files, stats
 from .hooks import NvmeAlignDevicesHook
-from .integrations import install
+from .integrations import install, uninstall
 
-__all__ = ["NvmeAlignDevicesHook", "NvmeConfig", "NvmeStats", "dispatch_model", "stats"]
+__all__ = [
+    "NvmeAlignDevicesHook",
+    "NvmeConfig",
+    "NvmeStats",
+    "close",
+    "dispatch_model",
+    "group_files",
+    "install",
+    "stats",
+    "uninstall",
+]
 __version__ = "0.1.0"
 
 install()

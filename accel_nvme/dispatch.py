@@ -14,11 +14,12 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import accelerate.big_modeling
 import torch
-from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
+from accelerate.hooks import AlignDevicesHook, remove_hook_from_module, remove_hook_from_submodules
 from accelerate.utils import check_device_map, set_module_tensor_to_device
 
 from . import placement
@@ -631,14 +632,43 @@ class NvmeStats:
         }
 
 
+def _nvme_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that carry an nvme hook."""
+    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+
+
+def _prefetcher(model: torch.nn.Module) -> Prefetcher:
+    """The prefetcher of ``model``'s nvme groups, or a ValueError naming the model."""
+    modules = _nvme_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no modules on the nvme tier")
+    return modules[0]._hf_hook.prefetcher
+
+
+def group_files(model: torch.nn.Module) -> list[Path]:
+    """The group files ``model``'s nvme modules stream from, in group order."""
+    return [source.segments[0].path for source in _prefetcher(model).sources]
+
+
+def close(model: torch.nn.Module, load_back: bool = True) -> None:
+    """Stop streaming ``model``'s nvme modules: reader threads stop, files close, staging buffers are freed.
+
+    With ``load_back`` (as accelerate's ``remove_hook_from_submodules`` does for our hooks) the nvme hooks are removed
+    and their weights read back into RAM, so the model still runs; without it nothing is read and a later forward of an
+    nvme module raises. Other hooks stay; a model without nvme modules is left as it is.
+    """
+    modules = _nvme_modules(model)
+    if load_back:
+        for module in modules:
+            remove_hook_from_module(module)
+        return
+    for prefetcher in {id(m._hf_hook.prefetcher): m._hf_hook.prefetcher for m in modules}.values():
+        prefetcher.close()
+
+
 def stats(model: torch.nn.Module) -> NvmeStats:
     """Bytes read, read time, compute stalls, GB/s and overlap of ``model``'s nvme groups, per forward and in total."""
-    hook = next(
-        (m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)), None
-    )
-    if hook is None:
-        raise ValueError(f"{type(model).__name__} has no modules on the nvme tier")
-    prefetcher = hook.prefetcher
+    prefetcher = _prefetcher(model)
     forwards = prefetcher.forward_stats()
     total = ForwardStats(**vars(prefetcher.stats))
     total.read_seconds = prefetcher.reader.busy_seconds

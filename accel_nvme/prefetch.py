@@ -269,6 +269,11 @@ class Prefetcher:
                 f"be used in a forked child (pid {os.getpid()}): start workers with the 'spawn' method, or dispatch "
                 "the model in the child"
             )
+        if self._closed:
+            raise RuntimeError(
+                f"group {self.sources[index].name}: the prefetcher was closed (accel_nvme.close or its hooks removed); "
+                "dispatch the model again to stream it"
+            )
         caller = index if caller is None else caller
         resident = self._resident.get(index)
         if resident is not None:

@@ -370,15 +370,6 @@ def nvme_device_map(model: FluxLikeTransformer, main: int | str) -> dict[str, in
     return device_map
 
 
-def _prefetcher(model: nn.Module) -> Any:
-    """The prefetcher the nvme hooks of ``model`` share."""
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        if isinstance(hook, accel_nvme.NvmeAlignDevicesHook):
-            return hook.prefetcher
-    raise ValueError("the model has no nvme hooks")
-
-
 def mode_nvme(settings: Settings, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     """Every block streamed from group files; cold (page cache dropped) then warm steps, and a raw read of the files."""
     model = build_model(settings).to("cpu")
@@ -393,8 +384,7 @@ def mode_nvme(settings: Settings, inputs: tuple[torch.Tensor, ...]) -> dict[str,
         config=accel_nvme.NvmeConfig(prefetch_depth=settings.prefetch_depth),
     )
     write_s = time.perf_counter() - start
-    prefetcher = _prefetcher(model)
-    files = sorted({segment.path for source in prefetcher.sources for segment in source.segments})
+    files = accel_nvme.group_files(model)
     release_memory(settings.device)
     reset_peak(settings.device)
     try:
@@ -418,8 +408,8 @@ def mode_nvme(settings: Settings, inputs: tuple[torch.Tensor, ...]) -> dict[str,
         progress("raw O_DIRECT read of the group files")
         result["raw_read"] = raw_read_rate(files)
     finally:
-        prefetcher.close()  # unregisters and frees the staging buffers without reading the weights back
-    del model, prefetcher
+        accel_nvme.close(model, load_back=False)  # unregisters and frees the staging buffers
+    del model
     return result
 
 

@@ -146,7 +146,7 @@ def ordering_check(settings: gpu_bench.Settings, read_delay: float, spin_cycles:
             resident_budget=settings.blocks // 2 * gpu_bench.block_nbytes(model) + settings.blocks * 4096,
         ),
     )
-    prefetcher = gpu_bench._prefetcher(model)
+    prefetcher = _prefetcher(model)  # this check slows its reader and side stream on purpose: it needs the internals
     slow_reads(prefetcher.reader, read_delay)
     handles = []
     if settings.cuda:
@@ -164,7 +164,7 @@ def ordering_check(settings: gpu_bench.Settings, read_delay: float, spin_cycles:
     finally:
         for handle in handles:
             handle.remove()
-        prefetcher.close()
+        accel_nvme.close(model, load_back=False)
     return {
         "exact": all(torch.equal(output, reference) for output in outputs),
         "forwards": len(outputs),
@@ -175,6 +175,15 @@ def ordering_check(settings: gpu_bench.Settings, read_delay: float, spin_cycles:
         "stall_s": total.stall_seconds,
         "cuda_launch_blocking": os.environ.get("CUDA_LAUNCH_BLOCKING", "0"),
     }
+
+
+def _prefetcher(model: torch.nn.Module) -> Any:
+    """The prefetcher the nvme hooks of ``model`` share."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if isinstance(hook, accel_nvme.NvmeAlignDevicesHook):
+            return hook.prefetcher
+    raise ValueError("the model has no nvme hooks")
 
 
 # ---------------------------------------------------------------- the table

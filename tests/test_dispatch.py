@@ -162,7 +162,8 @@ def test_grad_enabled_forward_on_trainable_weights_runs_with_them_frozen(offload
         assert torch.equal(model(IDS), expected)
 
 
-def test_removing_hooks_stops_threads_closes_files_and_restores_weights(offload_dir):
+@pytest.mark.parametrize("close", [remove_hook_from_submodules, accel_nvme.close], ids=["accelerate", "accel_nvme"])
+def test_removing_hooks_stops_threads_closes_files_and_restores_weights(offload_dir, close):
     expected = reference(tiny_lm(), IDS)
     gc.collect()  # models of earlier tests close their files when collected: not during this count
     threads = {t.ident for t in threading.enumerate()}
@@ -170,13 +171,28 @@ def test_removing_hooks_stops_threads_closes_files_and_restores_weights(offload_
     model = accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
     with torch.inference_mode():
         model(IDS)
-    remove_hook_from_submodules(model)
+    close(model)
     alive = [t for t in threading.enumerate() if t.ident not in threads and t.name.startswith("accel-nvme")]
     assert alive == []
     assert open_fds() == fds
     assert all(p.device.type == "cpu" for p in model.parameters())
     with torch.inference_mode():
         assert torch.equal(model(IDS), expected)
+
+
+def test_close_without_load_back_frees_everything_and_later_forwards_say_why(offload_dir):
+    gc.collect()
+    threads = {t.ident for t in threading.enumerate()}
+    fds = open_fds()
+    model = accel_nvme.dispatch_model(tiny_lm(), DEVICE_MAPS["every_module_nvme"], offload_dir=offload_dir)
+    with torch.inference_mode():
+        model(IDS)
+    accel_nvme.close(model, load_back=False)
+    alive = [t for t in threading.enumerate() if t.ident not in threads and t.name.startswith("accel-nvme")]
+    assert alive == []
+    assert open_fds() == fds
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="prefetcher was closed"):
+        model(IDS)
 
 
 def test_transformers_bound_dispatch_model_is_patched():
@@ -194,7 +210,7 @@ def test_verify_on_read_detects_a_flipped_byte(offload_dir):
     with torch.inference_mode():
         model(IDS)
     hook = model.body.layers[2]._hf_hook
-    path = hook.prefetcher.sources[hook.group].segments[0].path
+    path = accel_nvme.group_files(model)[hook.group]
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x40
     path.write_bytes(bytes(data))
@@ -210,7 +226,7 @@ def test_io_error_is_raised_in_the_forward_that_needs_the_group(offload_dir):
     with torch.inference_mode():
         model(IDS)
         hook = model.body.layers[3]._hf_hook
-        path = hook.prefetcher.sources[hook.group].segments[0].path
+        path = accel_nvme.group_files(model)[hook.group]
         original = path.read_bytes()
         path.write_bytes(original[: 4096 + 100])
         with pytest.raises(Exception, match=str(path)):

@@ -68,8 +68,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def group_path(model: nn.Module, module_name: str) -> Path:
-    hook = model.get_submodule(module_name)._hf_hook
-    return hook.prefetcher.sources[hook.group].segments[0].path
+    return accel_nvme.group_files(model)[model.get_submodule(module_name)._hf_hook.group]
 
 
 def forward(model: nn.Module, *inputs):
@@ -265,7 +264,7 @@ def test_ramfs_refusing_o_direct_streams_exactly_in_bounded_memory(offload_dir, 
     model = accel_nvme.dispatch_model(tiny_lm(width=256, vocab=4000), EVERY, offload_dir=ramfs)
     try:
         (folder,) = model_folders(ramfs)
-        assert model.embed._hf_hook.prefetcher.sources[0].segments[0].path.parent == folder
+        assert accel_nvme.group_files(model)[0].parent == folder
         largest = max(p.stat().st_size for p in folder.glob("group-*.safetensors"))
         assert largest >= 4_000_000
         assert torch.equal(forward(model, IDS), expected)
@@ -605,7 +604,7 @@ def test_fifty_dispatch_and_release_cycles_leak_nothing(offload_dir):
         prefetcher = model.embed._hf_hook.prefetcher
         buffers = list(prefetcher._buffers)
         assert torch.equal(forward(model, IDS), expected)
-        remove_hook_from_submodules(model)
+        accel_nvme.close(model)
         assert prefetcher._buffers == [] and all(b._mmap.closed for b in buffers), "staging buffers not released"
         assert torch.equal(forward(model, IDS), expected)
         return weakref.ref(prefetcher)

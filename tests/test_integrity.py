@@ -255,7 +255,7 @@ def test_the_first_read_is_verified_once_and_every_read_with_verify_on_read(offl
         model = dispatch(offload_dir, verify_on_read=verify_on_read)
         assert torch.equal(forward(model, IDS), expected)
         hook = model.body.layers[1]._hf_hook
-        victim = hook.prefetcher.sources[hook.group].segments[0].path
+        victim = accel_nvme.group_files(model)[hook.group]
         data = bytearray(victim.read_bytes())
         data[-1] ^= 0x01
         victim.write_bytes(bytes(data))

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from .. import dispatch
 from . import accelerate, diffusers, transformers
+from .patching import patch, restore_all
 
 DISPATCH_MODEL_BOUND_IN = (
     "accelerate",
@@ -26,8 +27,7 @@ DISPATCH_MODEL_BOUND_IN = (
 
 
 def _patch_dispatch_model(module: ModuleType) -> None:
-    if getattr(module, "dispatch_model", None) is dispatch._accelerate_dispatch_model:
-        module.dispatch_model = dispatch.dispatch_model
+    patch(module, "dispatch_model", lambda _: dispatch.dispatch_model, only_if=dispatch._accelerate_dispatch_model)
 
 
 PATCHES: dict[str, list[Callable[[ModuleType], None]]] = {
@@ -38,8 +38,8 @@ for _name, _patch in (*accelerate.PATCHES.items(), *transformers.PATCHES.items()
 
 
 def _apply(module: ModuleType) -> None:
-    for patch in PATCHES.get(module.__name__, ()):
-        patch(module)
+    for apply in PATCHES.get(module.__name__, ()):
+        apply(module)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -68,3 +68,10 @@ def install() -> None:
             _apply(sys.modules[name])
     if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
+
+
+def uninstall() -> None:
+    """Undo ``install()``: every patched function and binding gets its original back; modules imported later stay
+    unpatched until ``install()`` is called again."""
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _PatchOnImport)]
+    restore_all()

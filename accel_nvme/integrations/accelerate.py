@@ -8,11 +8,12 @@ is written: each offloaded weight is noted where it sits in its safetensors file
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
-import threading
 import zipfile
+from dataclasses import dataclass
 from types import ModuleType
 
 import accelerate.utils.modeling as accelerate_modeling
@@ -21,10 +22,20 @@ from accelerate.utils import find_tied_parameters
 
 from ..config import load_config
 from ..dispatch import NVME, PENDING_ATTR, NvmeLoading
+from .patching import patch
 
 _original_load_checkpoint_in_model = accelerate_modeling.load_checkpoint_in_model
 _signature = inspect.signature(_original_load_checkpoint_in_model)
-_current = threading.local()  # .loading, .folder: the nvme load in progress; .file: the checkpoint file being read
+_CURRENT: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("accel_nvme_checkpoint_load", default=None)
+
+
+@dataclass
+class _Load:
+    """The nvme ``load_checkpoint_in_model`` in progress: its loading, its folder, the checkpoint file being read."""
+
+    loading: NvmeLoading
+    folder: str
+    file: str | None = None
 
 
 @functools.wraps(_original_load_checkpoint_in_model)
@@ -49,11 +60,11 @@ def load_checkpoint_in_model(*args, **kwargs):
     }
     bound.arguments["offload_folder"] = str(config.offload_dir)
     tied = find_tied_parameters(model)
-    _current.loading, _current.folder, _current.file = loading, str(config.offload_dir), None
+    token = _CURRENT.set(_Load(loading, str(config.offload_dir)))
     try:
         _original_load_checkpoint_in_model(*bound.args, **bound.kwargs)
     finally:
-        _current.loading = _current.folder = _current.file = None
+        _CURRENT.reset(token)
     _retie(model, tied, loading)
     model.__dict__[PENDING_ATTR] = loading
 
@@ -74,10 +85,11 @@ def _retie(model: torch.nn.Module, tied: list[list[str]], loading: NvmeLoading) 
 def _load_state_dict(load_state_dict):
     @functools.wraps(load_state_dict)
     def load_and_remember(checkpoint_file, *args, **kwargs):
-        if getattr(_current, "loading", None) is None:
+        current = _CURRENT.get()
+        if current is None:
             return load_state_dict(checkpoint_file, *args, **kwargs)
-        _current.file = str(checkpoint_file)
-        if not _current.file.endswith(".safetensors") and zipfile.is_zipfile(checkpoint_file):
+        current.file = str(checkpoint_file)
+        if not current.file.endswith(".safetensors") and zipfile.is_zipfile(checkpoint_file):
             return torch.load(checkpoint_file, map_location="cpu", weights_only=True, mmap=True)
         return load_state_dict(checkpoint_file, *args, **kwargs)
 
@@ -87,12 +99,13 @@ def _load_state_dict(load_state_dict):
 def _offload_weight(offload_weight):
     @functools.wraps(offload_weight)
     def note_or_offload_weight(weight, weight_name, offload_folder, index=None):
-        loading = getattr(_current, "loading", None)
-        if loading is None or os.fspath(offload_folder) != _current.folder:
+        current = _CURRENT.get()
+        if current is None or os.fspath(offload_folder) != current.folder:
             return offload_weight(weight, weight_name, offload_folder, index=index)
-        if _current.file is not None and _current.file.endswith(".safetensors"):
+        loading = current.loading
+        if current.file is not None and current.file.endswith(".safetensors"):
             dtype = str(weight.dtype).removeprefix("torch.")
-            loading.index[weight_name] = {"safetensors_file": _current.file, "weight_name": weight_name, "dtype": dtype}
+            loading.index[weight_name] = {"safetensors_file": current.file, "weight_name": weight_name, "dtype": dtype}
         else:
             loading.mapped[weight_name] = weight
         return {} if index is None else index
@@ -101,17 +114,14 @@ def _offload_weight(offload_weight):
 
 
 def _rebind(module: ModuleType) -> None:
-    if getattr(module, "load_checkpoint_in_model", None) is _original_load_checkpoint_in_model:
-        module.load_checkpoint_in_model = load_checkpoint_in_model
+    original = _original_load_checkpoint_in_model
+    patch(module, "load_checkpoint_in_model", lambda _: load_checkpoint_in_model, only_if=original)
 
 
 def _patch_modeling(module: ModuleType) -> None:
-    if getattr(module.offload_weight, "_accel_nvme", False):
-        return
     _rebind(module)
-    module.load_state_dict = _load_state_dict(module.load_state_dict)
-    module.offload_weight = _offload_weight(module.offload_weight)
-    module.offload_weight._accel_nvme = True
+    patch(module, "load_state_dict", _load_state_dict)
+    patch(module, "offload_weight", _offload_weight)
 
 
 PATCHES = {

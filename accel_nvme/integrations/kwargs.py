@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
 from ..config import FIELDS, NvmeConfig, load_config
 from ..dispatch import NVME, NvmeLoading, disk_as_nvme
+from .patching import patch
 
 BACKENDS = (None, "disk", NVME)
 OPTION_PREFIX = "nvme_"
@@ -59,21 +61,23 @@ def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
     return config
 
 
-def wrap_from_pretrained(owner: type, prepare: Callable[[dict[str, Any]], None] = lambda kwargs: None) -> None:
+def wrap_from_pretrained(
+    owner: type, scope: Callable[[dict[str, Any]], AbstractContextManager[Any]] = lambda kwargs: nullcontext()
+) -> None:
     """Replace ``owner.from_pretrained`` (once) by one that takes the nvme kwargs and, when the tier is on, loads
-    under ``disk_as_nvme`` after ``prepare(kwargs)`` adjusted the library's own kwargs."""
-    original = owner.from_pretrained.__func__
-    if getattr(original, "_accel_nvme", False):
-        return
+    under ``disk_as_nvme`` and ``scope(kwargs)``, which may adjust the library's own kwargs."""
 
-    @functools.wraps(original)
-    def from_pretrained(cls, *args, **kwargs):
-        config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
-        if config is None:
-            return original(cls, *args, **kwargs)
-        prepare(kwargs)
-        with disk_as_nvme(NvmeLoading(config)):
-            return original(cls, *args, **kwargs)
+    def wrap(original_method: classmethod) -> classmethod:
+        original = original_method.__func__
 
-    from_pretrained._accel_nvme = True
-    owner.from_pretrained = classmethod(from_pretrained)
+        @functools.wraps(original)
+        def from_pretrained(cls, *args, **kwargs):
+            config = pop_nvme_config(kwargs, f"{cls.__name__}.from_pretrained")
+            if config is None:
+                return original(cls, *args, **kwargs)
+            with scope(kwargs), disk_as_nvme(NvmeLoading(config)):
+                return original(cls, *args, **kwargs)
+
+        return classmethod(from_pretrained)
+
+    patch(owner, "from_pretrained", wrap)

@@ -35,6 +35,7 @@ from ..placement import (
     streamed_by_default,
 )
 from .kwargs import pop_nvme_config
+from .patching import patch
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,13 @@ _ITEMSIZE.update({"I32": 4, "U32": 4, "I64": 8, "U64": 8})
 
 def patch_pipeline_loading(pipeline_utils: ModuleType) -> None:
     """Wrap ``DiffusionPipeline.from_pretrained`` (streamed components loaded on the nvme tier) and ``to``."""
-    pipeline = pipeline_utils.DiffusionPipeline
-    original = pipeline.from_pretrained.__func__
-    if getattr(original, "_accel_nvme", False):
-        return
+    patch(pipeline_utils.DiffusionPipeline, "from_pretrained", _from_pretrained_with_nvme)
+    patch(pipeline_utils.DiffusionPipeline, "to", _to_with_streamed_components)
+
+
+def _from_pretrained_with_nvme(original_method: classmethod) -> classmethod:
+    """``DiffusionPipeline.from_pretrained``, which loads the streamed components on the nvme tier first."""
+    original = original_method.__func__
 
     @functools.wraps(original)
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -77,9 +81,7 @@ def patch_pipeline_loading(pipeline_utils: ModuleType) -> None:
         pipe.hf_device_map = str(device)  # as diffusers records device_map="cuda": a device, not a split
         return pipe
 
-    from_pretrained._accel_nvme = True
-    pipeline.from_pretrained = classmethod(from_pretrained)
-    pipeline.to = _to_with_streamed_components(pipeline.to)
+    return classmethod(from_pretrained)
 
 
 def _cuda_devices() -> int:
@@ -246,8 +248,6 @@ def _same_device(asked: torch.device, actual: torch.device) -> bool:
 
 def _to_with_streamed_components(to):
     """``DiffusionPipeline.to``, which on a pipeline with nvme components moves only the others, or says why not."""
-    if getattr(to, "_accel_nvme", False):
-        return to
 
     @functools.wraps(to)
     def to_device(self, *args, **kwargs):
@@ -274,5 +274,4 @@ def _to_with_streamed_components(to):
                 component.to(device)
         return self
 
-    to_device._accel_nvme = True
     return to_device
