@@ -6,11 +6,11 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from accelerate.utils import compute_module_sizes  # noqa: E402
+from conformance_models import SPECS  # noqa: E402
 from diffusers import (  # noqa: E402
     CogVideoXTransformer3DModel,
     DiffusionPipeline,
     FluxTransformer2DModel,
-    HunyuanVideoTransformer3DModel,
     WanTransformer3DModel,
 )
 from helpers import tiny_ddpm_pipeline  # noqa: E402
@@ -20,31 +20,40 @@ from accel_nvme import NvmeAlignDevicesHook  # noqa: E402
 from accel_nvme.store import FOLDER_PREFIX  # noqa: E402
 
 
-def flux():
+def cogvideox():
+    """Three blocks (the conformance config has two), so that no group is a third of the model."""
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
+    return CogVideoXTransformer3DModel(
         num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4),
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=8,
+        num_layers=3,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=8,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=8,
     ).eval()
 
 
-def flux_inputs():
+def cogvideox_inputs():
     g = torch.Generator().manual_seed(0)
     return dict(
-        hidden_states=torch.randn(1, 16, 4, generator=g),
-        encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
-        pooled_projections=torch.randn(1, 8, generator=g),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(5, 3),
+        hidden_states=torch.randn(1, 1, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 8, generator=g),
+        timestep=torch.tensor([3]),
     )
+
+
+# the other tiny configs are the conformance suite's (tests/conformance_models.py)
+MODELS = {name: (SPECS[name].build, SPECS[name].inputs) for name in ("flux", "wan", "hunyuan_video")}
+MODELS["cogvideox"] = (cogvideox, cogvideox_inputs)
+flux, flux_inputs = MODELS["flux"]
+wan, wan_inputs = MODELS["wan"]
 
 
 def nvme_hooks(model):
@@ -119,104 +128,6 @@ def test_pipeline_components_can_be_chosen(tmp_path, offload_dir):
         DiffusionPipeline.from_pretrained(
             tmp_path / "pipe", offload_backend="nvme", offload_folder=offload_dir, nvme_components=["vae"]
         )
-
-
-def cogvideox():
-    torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=8,
-        num_layers=3,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=8,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=8,
-    ).eval()
-
-
-def cogvideox_inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 1, 4, 8, 8, generator=g),
-        encoder_hidden_states=torch.randn(1, 8, 8, generator=g),
-        timestep=torch.tensor([3]),
-    )
-
-
-def hunyuan_video():
-    torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-    ).eval()
-
-
-def hunyuan_video_inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 4, 1, 16, 16, generator=g),
-        timestep=torch.tensor([3]),
-        encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
-        pooled_projections=torch.randn(1, 8, generator=g),
-        encoder_attention_mask=torch.ones(1, 12),
-        guidance=torch.tensor([1000.0]),
-    )
-
-
-def wan():
-    """Wan's root owns ``scale_shift_table``, which infer_auto_device_map maps by its own key."""
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-    with torch.no_grad():
-        model.scale_shift_table.normal_()
-    return model
-
-
-def wan_inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 4, 2, 16, 16, generator=g),
-        encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
-        timestep=torch.tensor([3]),
-    )
-
-
-MODELS = {
-    "flux": (flux, flux_inputs),
-    "wan": (wan, wan_inputs),
-    "cogvideox": (cogvideox, cogvideox_inputs),
-    "hunyuan_video": (hunyuan_video, hunyuan_video_inputs),
-}
 
 
 def sample(model, inputs):
