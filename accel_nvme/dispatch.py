@@ -27,8 +27,9 @@ from .config import NvmeConfig, load_config
 from .format import ALIGNMENT, align_up
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader, Segment
-from .prefetch import Checksum, ForwardStats, GroupSource, Prefetcher, TensorView
+from .prefetch import Checksum, GroupSource, Prefetcher, TensorView
 from .residency import choose_resident
+from .stats import ForwardStats, NvmeStats
 from .store import CheckpointTensor, GroupPlan, Manifest, StoredWeights, checkpoint_tensor, materialize
 
 logger = logging.getLogger(__name__)
@@ -602,34 +603,6 @@ def _offload_index(manifest: Manifest) -> dict[str, dict[str, str]]:
                 "dtype": str(entry.dtype).removeprefix("torch."),
             }
     return index
-
-
-@dataclass(frozen=True)
-class NvmeStats:
-    """``accel_nvme.stats(model)``: per-forward and total figures of a model's nvme stream, and its resident groups.
-
-    ``bytes_read`` of a forward counts streamed bytes only: resident groups are read once, at dispatch.
-    """
-
-    groups: int
-    resident: list[str]
-    resident_bytes: int
-    forwards: list[ForwardStats]
-    total: ForwardStats
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data, GB/s and overlap included (for JSON and logging)."""
-
-        def row(r: ForwardStats) -> dict[str, Any]:
-            return {**vars(r), "gb_per_s": r.gb_per_s, "overlap": r.overlap}
-
-        return {
-            "groups": self.groups,
-            "resident": self.resident,
-            "resident_bytes": self.resident_bytes,
-            "forwards": [row(r) for r in self.forwards],
-            "total": row(self.total),
-        }
 
 
 def _nvme_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -20,10 +20,11 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
 
-from .prefetch import Prefetcher
+from .prefetch import Lease, Prefetcher
 
 logger = logging.getLogger(__name__)
 
+NOTHING: frozenset[int] = frozenset()
 _WARNED_FROZEN: weakref.WeakSet[Prefetcher] = weakref.WeakSet()  # models already told their weights are frozen
 
 
@@ -44,6 +45,23 @@ def _compiler_disable(fn):
         return disabled(*args, **kwargs)
 
     return wrapper
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StreamedTensor:
+    """Where one streamed tensor sits in the module: ``owner.<attr>``, a parameter or a buffer, ``name`` in its group.
+
+    Between forwards it holds ``meta``, which also keeps the tensor's ``requires_grad``.
+    """
+
+    owner: torch.nn.Module
+    attr: str
+    is_param: bool
+    name: str
+    meta: torch.Tensor
+
+    def put(self, value: torch.Tensor) -> None:
+        (self.owner._parameters if self.is_param else self.owner._buffers)[self.attr] = value
 
 
 class NvmeAlignDevicesHook(AlignDevicesHook):
@@ -79,10 +97,10 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self.group = group
         self.group_name = group_name
         self.members = members
-        self._slots: list[tuple[torch.nn.Module, str, bool, str, torch.Tensor]] = []
-        self._held: object | None = None  # who holds the group through this hook (set before acquiring)
+        self._streamed: list[_StreamedTensor] = []
+        self._lease: Lease | None = None  # the group's tensors while a forward uses them
         self._guarded_submodules: list[tuple[torch.nn.Module, Any]] = []  # and the ``forward`` each had before
-        self._staged = False  # the module holds views of a staging buffer (not device copies, not clones)
+        self._staging = NOTHING  # the staging buffers the module's tensors view (none: device copies, or clones)
 
     def __repr__(self) -> str:
         return f"NvmeAlignDevicesHook(group={self.group_name!r}, execution_device={self.execution_device})"
@@ -101,7 +119,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                 if is_param:
                     meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
                 (owner._parameters if is_param else owner._buffers)[attr] = meta
-            self._slots.append((owner, attr, is_param, full, meta))
+            self._streamed.append(_StreamedTensor(owner, attr, is_param, full, meta))
         for name, tensor in module.named_buffers():
             if tensor.device.type != "meta" and self.execution_device is not None:
                 set_module_tensor_to_device(module, name, self.execution_device)
@@ -120,41 +138,42 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     @_compiler_disable
     def post_forward(self, module: torch.nn.Module, output):
         """Put the meta tensors back and release the group's buffer (an output viewing it is copied out first)."""
-        staged = self._staged and bool(self._slots)
-        if staged:
-            output = _owned(output, self.prefetcher.staging_pointers())
+        staging = self._staging if self._streamed else NOTHING
+        if staging:
+            output = _owned(output, staging)
         self._put_back()
-        if staged:
-            self._refuse_kept_views(module)
+        if staging:
+            self._refuse_kept_views(module, staging)
         if self.io_same_device and self.input_device is not None:
             output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
         return output
 
     def _take(self, caller: object) -> None:
         """Acquire the group for ``caller`` (this hook, or a submodule called on its own) and install its tensors."""
-        if self._held is not None:
+        if self._lease is not None:
             self._put_back()
         grad = torch.is_grad_enabled()
         if grad:
             self._warn_frozen()
-        self._held = caller  # before acquiring: whatever happens next, ``abort`` gives the group back
-        tensors = self.prefetcher.acquire(self.group, caller)
+        # An interrupt before the lease is stored leaves ``caller`` holding the group: ``_recover`` gives it back.
+        self._lease = lease = self.prefetcher.acquire(self.group, caller)
         # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. They keep
         # the original ``requires_grad``, which some kernels look at (bits equal to the model in RAM); the copies'
         # gradients are dropped with them, so the model's weights still get no ``.grad``.
-        copy_out = grad and not self.prefetcher.on_cuda
-        for owner, attr, is_param, full, meta in self._slots:
-            value = tensors[full].clone() if copy_out else tensors[full]
-            if is_param:
-                value = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
-            (owner._parameters if is_param else owner._buffers)[attr] = value
-        self._staged = not copy_out and not self.prefetcher.on_cuda
+        copy_out = grad and not lease.on_device
+        tensors = lease.tensors
+        for streamed in self._streamed:
+            value = tensors[streamed.name].clone() if copy_out else tensors[streamed.name]
+            if streamed.is_param:
+                value = torch.nn.Parameter(value, requires_grad=grad and streamed.meta.requires_grad)
+            streamed.put(value)
+        self._staging = NOTHING if copy_out else lease.staging
 
     def _warn_frozen(self) -> None:
         """Once per model: a forward with grad enabled, and a streamed weight that asks for a gradient it cannot get."""
         if self.prefetcher in _WARNED_FROZEN:
             return
-        trainable = next((full for _, _, is_param, full, meta in self._slots if is_param and meta.requires_grad), None)
+        trainable = next((t.name for t in self._streamed if t.is_param and t.meta.requires_grad), None)
         if trainable is not None:
             _WARNED_FROZEN.add(self.prefetcher)
             logger.warning(
@@ -164,12 +183,11 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                 trainable,
             )
 
-    def _refuse_kept_views(self, module: torch.nn.Module) -> None:
+    def _refuse_kept_views(self, module: torch.nn.Module, staging: frozenset[int]) -> None:
         """A module attribute still viewing the staging buffer would later read another group's bytes: refuse it.
 
         Checks tensors held as plain attributes (or in a tuple/list of tensors) of the module and its submodules.
         """
-        staging = self.prefetcher.staging_pointers()
         for submodule in module.modules():
             for attr, value in vars(submodule).items():
                 if isinstance(value, torch.Tensor):
@@ -189,19 +207,25 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                     )
 
     def _put_back(self) -> None:
-        for owner, attr, is_param, _, meta in self._slots:
-            (owner._parameters if is_param else owner._buffers)[attr] = meta
-        self.prefetcher.release(self.group, self._held)
-        self._held = None
+        for streamed in self._streamed:
+            streamed.put(streamed.meta)
+        if self._lease is not None:  # None after a nested call of the same module released the group
+            self._lease.release()
+            self._lease = None
+
+    @property
+    def holding(self) -> bool:
+        """Whether the module holds its group's tensors now (inside its forward)."""
+        return self._lease is not None
 
     def abort(self) -> None:
         """The module's forward raised (or was interrupted): give the group back so the next forward starts clean."""
-        if self._held is not None:
+        if self._lease is not None:
             self._put_back()
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
-        if self._held is not None:
+        if self._lease is not None:
             self._put_back()
         for submodule, forward in self._guarded_submodules:
             if forward is None:
@@ -287,7 +311,7 @@ def _loading_group(forward: Any, module: torch.nn.Module, hook: NvmeAlignDevices
 
     @functools.wraps(forward)
     def load_group_and_forward(*args, **kwargs):
-        if hook._held is not None:
+        if hook._lease is not None:
             return forward(*args, **kwargs)  # inside the group's forward: its tensors are in place
         hook._take(caller)
         if hook.io_same_device:
@@ -333,7 +357,7 @@ def attach_nvme_hook(module: torch.nn.Module, hook: NvmeAlignDevicesHook) -> Non
     """
     add_hook_to_module(module, hook)
     module.forward = _guarded(module.forward, hook)
-    owners = {id(owner) for owner, *_ in hook._slots}
+    owners = {id(streamed.owner) for streamed in hook._streamed}
     for submodule in module.modules():
         if submodule is not module and id(submodule) in owners:
             hook._guarded_submodules.append((submodule, vars(submodule).get("forward")))

@@ -1,4 +1,4 @@
-"""Reading byte ranges of group files into page-aligned staging buffers.
+"""Reading byte ranges of group files into page-aligned staging buffers (``staging.py``).
 
 O_DIRECT reads bypass the page cache, so streaming a model bigger than RAM does not evict everything else; where the
 filesystem refuses O_DIRECT (tmpfs, some FUSE mounts) reads fall back to buffered I/O followed by
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import threading
 import time
@@ -19,13 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .format import ALIGNMENT, GroupFileError, open_regular
+from .staging import StagingBuffer
 
 logger = logging.getLogger(__name__)
-
-HOST_REGISTER_PORTABLE = 1
 
 
 @dataclass(frozen=True)
@@ -37,37 +33,6 @@ class Segment:
     length: int
     buffer_offset: int
     needed: int
-
-
-class StagingBuffer:
-    """A page-aligned host slab, registered once as pinned memory (for every CUDA context) when ``pin`` is a device."""
-
-    def __init__(self, nbytes: int, pin: torch.device | None = None):
-        self.nbytes = max(ALIGNMENT, nbytes)
-        self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.view = memoryview(self._mmap)
-        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self.pinned = False
-        if pin is not None:
-            with torch.cuda.device(pin):
-                result = torch.cuda.cudart().cudaHostRegister(
-                    self.tensor.data_ptr(), self.nbytes, HOST_REGISTER_PORTABLE
-                )
-            if int(result) != 0:
-                raise RuntimeError(f"cudaHostRegister of a {self.nbytes}-byte staging buffer failed ({result})")
-            self.pinned = True
-
-    def close(self) -> None:
-        """Unpin and unmap; a tensor view still held by someone keeps the memory alive until it is dropped."""
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            self.pinned = False
-        self.tensor = None
-        self.view.release()
-        try:
-            self._mmap.close()
-        except BufferError:
-            logger.debug("staging buffer still viewed by a tensor; it is freed when that tensor is")
 
 
 class FileReader:

@@ -1,14 +1,10 @@
-"""The schedule: which groups are read ahead, into which staging buffer, and when a buffer is free again.
+"""The slot lifecycle: which group is read into which staging buffer, who holds it, and when a buffer is free again.
 
-Groups are read ``depth`` ahead of the one in use, following the order in which groups were last seen to succeed
-each other (the device_map order until the first forward shows otherwise), wrapping around from the last group to the
-first, so the next forward (next token, next denoising step) starts warm; a decoder that runs alone after a first
-call with its encoder is followed as it runs. A released
-group keeps its buffer until another group is acquired, so the modules of one group (or a module called twice) reuse
-it without a second read. On CUDA the
-I/O thread that completes a read also issues the host-to-device copy on a side stream and records an event; the
-compute stream waits on that event, and the device memory is released with ``record_stream`` so the caching
-allocator does not reuse it before the compute stream is done with it.
+Groups are read ``depth`` ahead of the one in use, in the order the successor schedule (``schedule.py``) learned, into
+the buffers of a pool (``staging.py``) by the reader (``io.py``). A released group keeps its buffer until another
+group is acquired, so the modules of one group (or a module called twice) reuse it without a second read. On CUDA the
+I/O thread that completes a read also starts the host-to-device copy (``transfer.py``) and waits for it before the
+buffer can be refilled. ``acquire`` hands out a ``Lease``: the group's tensors, until its ``release``.
 
 State survives interruptions (Ctrl-C at any moment of a forward): a group's holders are a set, so releasing twice is
 harmless; a buffer is free when no registered slot owns it, so none is ever lost; and ``recover`` clears what an
@@ -32,7 +28,11 @@ from pathlib import Path
 import torch
 
 from .format import GroupFileError, digest
-from .io import FileReader, Segment, StagingBuffer
+from .io import FileReader, Segment
+from .schedule import SuccessorSchedule
+from .staging import BufferPool, StagingBuffer
+from .stats import ForwardRecorder, ForwardStats
+from .transfer import copy_to_device, hand_to_compute
 
 logger = logging.getLogger(__name__)
 
@@ -78,36 +78,6 @@ class GroupSource:
 
 
 @dataclass
-class ForwardStats:
-    """What one forward (or all of them) asked of the stream.
-
-    ``seconds``: wall time from the forward's first group to its last release; ``read_seconds``: time at least one
-    read was in flight; ``stall_seconds``: time the compute thread waited for a group.
-    """
-
-    seconds: float = 0.0
-    groups_read: int = 0
-    bytes_read: int = 0
-    read_seconds: float = 0.0
-    stall_seconds: float = 0.0
-
-    @property
-    def gb_per_s(self) -> float:
-        """Achieved read rate, in 10^9 bytes per second of reading."""
-        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
-
-    @property
-    def overlap(self) -> float:
-        """Share of the reading hidden behind compute (1.0: the compute thread never waited)."""
-        if not self.read_seconds:
-            return 1.0
-        return min(1.0, max(0.0, 1.0 - self.stall_seconds / self.read_seconds))
-
-
-HISTORY = 64
-
-
-@dataclass
 class _Slot:
     source: GroupSource
     buffer: StagingBuffer | None
@@ -150,10 +120,41 @@ def _views(source: GroupSource, data: torch.Tensor) -> dict[str, torch.Tensor]:
     return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in source.views}
 
 
+class Lease:
+    """The tensors of one group, held by one caller until ``release()`` (releasing again is harmless).
+
+    ``on_device``: they are device copies, which may outlive the lease. Otherwise they view host memory, and
+    ``staging`` holds the addresses of the reused staging buffers: a view of one must not outlive the lease.
+    """
+
+    __slots__ = ("_caller", "_index", "_prefetcher", "on_device", "staging", "tensors")
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        on_device: bool,
+        staging: frozenset[int],
+        prefetcher: Prefetcher,
+        index: int,
+        caller: Hashable,
+    ):
+        self.tensors = tensors
+        self.on_device = on_device
+        self.staging = staging
+        self._prefetcher = prefetcher
+        self._index = index
+        self._caller = caller
+
+    def release(self) -> None:
+        """The holder is done with the tensors: the group's buffer may be refilled once no one else holds it."""
+        self._prefetcher.release(self._index, self._caller)
+
+
 class Prefetcher:
-    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and hands out tensor views of them.
+    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and leases out tensor views of them.
 
     One per dispatched model; ``forward_lock`` (reentrant) is the model's: its hooks hold it around each forward.
+    One condition guards the slots; the schedule, the pool and the stats recorder are called under it.
     """
 
     def __init__(
@@ -168,23 +169,16 @@ class Prefetcher:
         self.device = device
         self.depth = depth
         self.reader = reader
-        self.stats = ForwardStats()
-        self._history = [ForwardStats() for _ in range(HISTORY)]
-        self._forwards = 0
-        self._seen: set[int] = set()  # the callers of the forward in progress
-        self._forward_start = ForwardStats()
-        self._started_at = 0.0
-        self._released_at = 0.0
-        self.successor = {i: (i + 1) % len(sources) for i in range(len(sources))}
-        self._previous: int | None = None
+        self._recorder = ForwardRecorder(reader)
+        self.stats = self._recorder.totals
+        self._schedule = SuccessorSchedule(len(sources))
         self._slots: dict[int, _Slot] = {}
         self._max_slots = depth + 1
         self._cuda = device.type == "cuda"
         self._side_stream = torch.cuda.Stream(device) if self._cuda else None
         largest = max((s.nbytes for s in sources), default=0)
-        pin = device if self._cuda else None
-        self._buffers = [StagingBuffer(largest, pin) for _ in range(min(self._max_slots, max(1, len(sources))))]
-        self._pointers = frozenset(b.tensor.data_ptr() for b in self._buffers)
+        self.pool = BufferPool(min(self._max_slots, max(1, len(sources))), largest, device if self._cuda else None)
+        self._staging = frozenset() if self._cuda else self.pool.pointers  # what a lease's tensors may view
         self._lock = threading.RLock()  # entered with C-level ``with`` only: an interrupt cannot leave it held
         self._cond = threading.Condition(self._lock)
         self.forward_lock = threading.RLock()
@@ -203,15 +197,6 @@ class Prefetcher:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def on_cuda(self) -> bool:
-        """Whether groups are copied to a CUDA device (else modules use the staging buffers in place)."""
-        return self._cuda
-
-    def staging_pointers(self) -> frozenset[int]:
-        """Addresses of the staging buffers, to recognise tensors that view them."""
-        return self._pointers
 
     def attach(self) -> None:
         """A hook starts using this prefetcher."""
@@ -242,49 +227,34 @@ class Prefetcher:
         slot.done.set()
         return slot
 
-    def _resident_views(self, slot: _Slot) -> dict[str, torch.Tensor]:
+    def _resident_data(self, slot: _Slot) -> torch.Tensor:
+        """A resident group's bytes where its modules run: kept on the device, copied there now, or in RAM (CPU)."""
         if slot.device_data is not None:
-            data = slot.device_data
-        elif self._cuda:
-            compute = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self._side_stream):
-                data = torch.empty(slot.source.nbytes, dtype=torch.uint8, device=self.device)
-                data.copy_(slot.buffer.tensor[: slot.source.nbytes], non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(self._side_stream)
-            compute.wait_event(copied)
-            data.record_stream(compute)
-        else:
-            data = slot.buffer.tensor
-        return _views(slot.source, data)
+            return slot.device_data
+        if self._cuda:
+            data, copied = copy_to_device(slot.buffer.tensor[: slot.source.nbytes], self.device, self._side_stream)
+            return hand_to_compute(data, copied, self.device)
+        return slot.buffer.tensor
 
-    def acquire(self, index: int, caller: Hashable | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of group ``index`` on the execution device, ready for the compute stream.
+    def acquire(self, index: int, caller: Hashable | None = None) -> Lease:
+        """The tensors of group ``index`` on the execution device, ready for the compute stream, leased to ``caller``.
 
-        ``caller`` (the module's hook; several modules may share a group) holds the group until ``release``.
+        ``caller`` (the module's hook; several modules may share a group) holds the group until the lease's release.
         """
-        if self._forked_from is not None:
-            raise RuntimeError(
-                f"this model's nvme groups stream to {self.device}, set up in process {self._forked_from}; CUDA cannot "
-                f"be used in a forked child (pid {os.getpid()}): start workers with the 'spawn' method, or dispatch "
-                "the model in the child"
-            )
-        if self._closed:
-            raise RuntimeError(
-                f"group {self.sources[index].name}: the prefetcher was closed (accel_nvme.close or its hooks removed); "
-                "dispatch the model again to stream it"
-            )
+        if self._forked_from is not None or self._closed:
+            raise self._unusable(index)
         caller = index if caller is None else caller
         resident = self._resident.get(index)
         if resident is not None:
             with self._lock:
-                self._count_forward(caller)
-                self._learn(index)
+                self._recorder.asked(caller)
+                self._schedule.learn(index)
                 self._top_up(index)
-            return self._resident_views(resident)
+            data = self._resident_data(resident)
+            return Lease(_views(resident.source, data), self._cuda, self._staging, self, index, caller)
         with self._lock:
-            self._count_forward(caller)
-            self._learn(index)
+            self._recorder.asked(caller)
+            self._schedule.learn(index)
             slot = self._slots.get(index)
             if slot is None:
                 slot = self._start_now(index)
@@ -304,14 +274,21 @@ class Prefetcher:
                 if slot.error is not None and not slot.holders and self._slots.get(index) is slot:
                     self._drop(index)
             raise
-        if self._cuda:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(slot.copied)
-            slot.device_data.record_stream(compute)
-            data = slot.device_data
-        else:
-            data = slot.buffer.tensor
-        return _views(slot.source, data)
+        data = hand_to_compute(slot.device_data, slot.copied, self.device) if self._cuda else slot.buffer.tensor
+        return Lease(_views(slot.source, data), self._cuda, self._staging, self, index, caller)
+
+    def _unusable(self, index: int) -> RuntimeError:
+        """Why group ``index`` cannot be acquired: set up before a fork with CUDA, or closed."""
+        if self._forked_from is not None:
+            return RuntimeError(
+                f"this model's nvme groups stream to {self.device}, set up in process {self._forked_from}; CUDA cannot "
+                f"be used in a forked child (pid {os.getpid()}): start workers with the 'spawn' method, or dispatch "
+                "the model in the child"
+            )
+        return RuntimeError(
+            f"group {self.sources[index].name}: the prefetcher was closed (accel_nvme.close or its hooks removed); "
+            "dispatch the model again to stream it"
+        )
 
     def release(self, index: int, caller: Hashable | None = None) -> None:
         """``caller`` is done with group ``index`` (again: harmless); its buffer is refilled once unused and needed."""
@@ -319,7 +296,12 @@ class Prefetcher:
             slot = self._slots.get(index)
             if slot is not None:
                 slot.holders.discard(index if caller is None else caller)
-            self._released_at = time.perf_counter()
+            self._recorder.released()
+
+    def holders(self) -> list[Hashable]:
+        """The callers that hold a streamed group now (none between forwards)."""
+        with self._lock:
+            return [holder for slot in self._slots.values() for holder in slot.holders]
 
     def recover(self) -> list[Hashable]:
         """Forget what an interrupted forward left in use; call only when none of the model's modules is running.
@@ -338,60 +320,10 @@ class Prefetcher:
     def forward_stats(self) -> list[ForwardStats]:
         """The last forwards (up to 64), oldest first; the one in progress, if any, last."""
         with self._lock:
-            keep = HISTORY - 1 if self._seen else HISTORY
-            done = [self._history[i % HISTORY] for i in range(max(0, self._forwards - keep), self._forwards)]
-            records = [ForwardStats(**vars(r)) for r in done]
-            if self._seen:
-                records.append(self._since_start(ForwardStats()))
-            return records
-
-    def _count_forward(self, caller: int) -> None:
-        """A module asking again means a new forward began: close the record of the previous one."""
-        if caller in self._seen:
-            self._since_start(self._history[self._forwards % HISTORY])
-            self._forwards += 1
-            self._seen.clear()
-        if not self._seen:
-            self._started_at = time.perf_counter()
-            self._snapshot(self._forward_start)
-        self._seen.add(caller)
-
-    def _snapshot(self, record: ForwardStats) -> ForwardStats:
-        record.groups_read = self.stats.groups_read
-        record.bytes_read = self.stats.bytes_read
-        record.read_seconds = self.reader.busy_seconds
-        record.stall_seconds = self.stats.stall_seconds
-        return record
-
-    def _since_start(self, record: ForwardStats) -> ForwardStats:
-        self._snapshot(record)
-        start = self._forward_start
-        record.seconds = max(0.0, self._released_at - self._started_at)
-        record.groups_read -= start.groups_read
-        record.bytes_read -= start.bytes_read
-        record.read_seconds -= start.read_seconds
-        record.stall_seconds -= start.stall_seconds
-        return record
-
-    def _learn(self, index: int) -> None:
-        if self._previous is not None and self._previous != index:
-            self.successor[self._previous] = index
-        self._previous = index
-
-    def _upcoming(self, index: int) -> list[int]:
-        """The next ``depth`` streamed groups after ``index`` (resident ones need no read)."""
-        upcoming = []
-        group = index
-        for _ in range(len(self.sources)):
-            group = self.successor[group]
-            if group == index or group in upcoming or len(upcoming) == self.depth:
-                break
-            if group not in self._resident:
-                upcoming.append(group)
-        return upcoming
+            return self._recorder.forwards()
 
     def _top_up(self, index: int) -> None:
-        wanted = self._upcoming(index)
+        wanted = self._schedule.upcoming(index, self.depth, skip=self._resident)
         for other, slot in list(self._slots.items()):
             if other != index and not slot.holders and other not in wanted and slot.done.is_set():
                 self._drop(other)
@@ -403,9 +335,8 @@ class Prefetcher:
                 self._start(group, buffer)
 
     def _free_buffer(self) -> StagingBuffer | None:
-        """A staging buffer no registered slot owns (derived, so an interrupted start or drop never loses one)."""
-        owned = {id(slot.buffer) for slot in self._slots.values()}
-        return next((b for b in self._buffers if id(b) not in owned), None)
+        """A staging buffer no registered slot owns."""
+        return self.pool.free(slot.buffer for slot in self._slots.values())
 
     def _start_now(self, index: int) -> _Slot:
         while True:
@@ -475,8 +406,7 @@ class Prefetcher:
             slot.pending -= 1
             last = slot.pending == 0
             if last and slot.error is None:
-                self.stats.groups_read += 1
-                self.stats.bytes_read += slot.source.nbytes
+                self._recorder.read(slot.source.nbytes)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "group %s: %d bytes read in %.4f s",
@@ -514,12 +444,10 @@ class Prefetcher:
         self._verified.add(id(source))
 
     def _copy_to_device(self, slot: _Slot) -> None:
-        with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):
-            slot.device_data = torch.empty(slot.source.nbytes, dtype=torch.uint8, device=self.device)
-            slot.device_data.copy_(slot.buffer.tensor[: slot.source.nbytes], non_blocking=True)
-            slot.copied = torch.cuda.Event()
-            slot.copied.record(self._side_stream)
-        slot.copied.synchronize()
+        """On an I/O thread: copy the slot's bytes to the device and give its staging buffer back once they are."""
+        host = slot.buffer.tensor[: slot.source.nbytes]
+        slot.device_data, slot.copied = copy_to_device(host, self.device, self._side_stream)
+        slot.copied.synchronize()  # the buffer may be refilled only after the copy has read it
         with self._lock:
             slot.buffer = None
             self._cond.notify_all()
@@ -542,10 +470,10 @@ class Prefetcher:
         if self._scheduler is not None and self._scheduler is not threading.current_thread():
             self._scheduler.join()
         self.reader.close()
-        resident = [r.buffer for r in self._resident.values() if r.buffer is not None]
-        for buffer in self._buffers + resident:
-            buffer.close()
-        self._buffers = []
+        self.pool.close()
+        for slot in self._resident.values():
+            if slot.buffer is not None:
+                slot.buffer.close()
         self._resident.clear()
         _LIVE.discard(self)
 
@@ -555,11 +483,12 @@ class Prefetcher:
         self._cond = threading.Condition(self._lock)
         self.forward_lock = threading.RLock()
         self._slots.clear()  # reads in flight at the fork never complete here; the buffers hold a copy, no writer
-        self._seen.clear()
+        self._recorder.forget_forward_in_progress()
         if self._cuda:
             self._forked_from = os.getppid()
         elif not self._closed:
             self.reader = FileReader(self.reader.direct_io, self.reader.io_threads, self.reader.request_bytes)
+            self._recorder.reader = self.reader
             self._requests = queue.SimpleQueue()
             self._start_scheduler()
 

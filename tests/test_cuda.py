@@ -69,7 +69,7 @@ def test_cuda_outputs_equal_no_offload_with_wrap_around(offload_dir, dtype, devi
     prefetcher = next(
         m._hf_hook.prefetcher for m in model.modules() if hasattr(m, "_hf_hook") and hasattr(m._hf_hook, "prefetcher")
     )
-    assert all(buffer.pinned for buffer in prefetcher._buffers)
+    assert all(buffer.pinned for buffer in prefetcher.pool.buffers)
 
 
 def test_cuda_device_memory_is_bounded_by_depth(offload_dir):
@@ -133,7 +133,7 @@ def test_pipeline_computes_every_component_on_the_gpu(dit, offload_dir, determin
     pipe = DiffusionPipeline.from_pretrained(dit, offload_backend="nvme", offload_folder=offload_dir, **kwargs)
     hooks = nvme_hooks(pipe.transformer)
     assert hooks and all(hook.execution_device == torch.device("cuda", 0) for hook in hooks)
-    assert hooks[0].prefetcher.on_cuda
+    assert hooks[0].prefetcher.device.type == "cuda"
     assert pipe.vae.device == torch.device("cuda", 0)  # placed whole
     assert pipe._execution_device.type == "cuda"
     assert pipe.to("cuda") is pipe  # the device it computes on already: moves the others (here: nothing to move)

@@ -602,10 +602,10 @@ def test_fifty_dispatch_and_release_cycles_leak_nothing(offload_dir):
     def cycle():
         model = accel_nvme.dispatch_model(tiny_lm(width=128), EVERY, offload_dir=offload_dir, config=config)
         prefetcher = model.embed._hf_hook.prefetcher
-        buffers = list(prefetcher._buffers)
+        buffers = list(prefetcher.pool.buffers)
         assert torch.equal(forward(model, IDS), expected)
         accel_nvme.close(model)
-        assert prefetcher._buffers == [] and all(b._mmap.closed for b in buffers), "staging buffers not released"
+        assert prefetcher.pool.buffers == [] and all(b._mmap.closed for b in buffers), "staging buffers not released"
         assert torch.equal(forward(model, IDS), expected)
         return weakref.ref(prefetcher)
 

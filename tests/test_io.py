@@ -7,7 +7,8 @@ import torch
 from helpers import cached_bytes, open_fds
 
 from accel_nvme.format import GroupFileError, align_up, write_group
-from accel_nvme.io import FileReader, Segment, StagingBuffer
+from accel_nvme.io import FileReader, Segment
+from accel_nvme.staging import StagingBuffer
 
 
 def group_file(folder, n=300_000, seed=0):

@@ -29,8 +29,9 @@ from test_integrity import (
 import accel_nvme
 from accel_nvme import NvmeConfig
 from accel_nvme.format import GroupFileError
-from accel_nvme.io import FileReader, Segment, StagingBuffer
+from accel_nvme.io import FileReader, Segment
 from accel_nvme.maintenance import clean_folder, inspect_folder, verify_folder
+from accel_nvme.staging import StagingBuffer
 from accel_nvme.store import FOLDER_PREFIX, MANIFEST_NAME, StoreError
 
 NOBODY = 65534

@@ -52,22 +52,28 @@ def within(seconds, fn, *args):
     return result[0]
 
 
+def nvme_modules(model):
+    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+
+
 def hooks_of(model):
-    return [m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+    return [m._hf_hook for m in nvme_modules(model)]
 
 
 def assert_nothing_in_use(model):
     """No group held, the staging buffers all the prefetcher's, every streamed tensor meta."""
     hooks = hooks_of(model)
     prefetcher = hooks[0].prefetcher
-    assert all(not slot.holders for slot in prefetcher._slots.values()), "a group is still marked in use"
+    assert not prefetcher.holders(), "a group is still marked in use"
     owned = [slot.buffer for slot in prefetcher._slots.values() if slot.buffer is not None]
-    assert all(any(b is buffer for b in prefetcher._buffers) for buffer in owned), "a slot reads into a stray buffer"
-    assert len(prefetcher._buffers) == min(prefetcher.depth + 1, len(prefetcher.sources))
-    for hook in hooks:
-        assert not hook._held
-        for owner, attr, is_param, full, _ in hook._slots:
-            tensor = (owner._parameters if is_param else owner._buffers)[attr]
+    pool = prefetcher.pool.buffers
+    assert all(any(b is buffer for b in pool) for buffer in owned), "a slot reads into a stray buffer"
+    assert len(prefetcher.pool.buffers) == min(prefetcher.depth + 1, len(prefetcher.sources))
+    for module in nvme_modules(model):
+        assert not module._hf_hook.holding
+        for local, full in module._hf_hook.members.items():
+            owner, _, attr = local.rpartition(".")
+            tensor = getattr(module.get_submodule(owner), attr)
             assert tensor.device.type == "meta", f"{full} still holds streamed bytes between forwards"
 
 
@@ -227,7 +233,7 @@ def test_outputs_of_every_container_type_hold_owned_tensors(kind, offload_dir):
         assert type(out) is type(reference)
         for _ in range(3):
             model(5)  # every staging buffer refilled with the other groups' bytes
-    staging = model.views._hf_hook.prefetcher.staging_pointers()
+    staging = model.views._hf_hook.prefetcher.pool.pointers
     got = list(tensors_in(out))
     assert len(got) == len(expected)
     assert all(t.untyped_storage().data_ptr() not in staging for t in got), "an output still views a staging buffer"
@@ -462,7 +468,7 @@ SIGNALLED = textwrap.dedent(
                 signal.setitimer(signal.ITIMER_REAL, 0)
             assert torch.equal(model(ids), expected), "wrong output after an interrupt"
     prefetcher = model.embed._hf_hook.prefetcher
-    assert all(not slot.holders for slot in prefetcher._slots.values())
+    assert not prefetcher.holders()
     print("interrupted", interrupted)
     """
 )

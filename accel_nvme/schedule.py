@@ -1,0 +1,39 @@
+"""The successor schedule: which group follows which, learned from the order groups are used in.
+
+Pure bookkeeping (no locks, no threads, no I/O): the prefetcher asks it which groups to read ahead. Until a forward
+shows otherwise a group is followed by the next one in device_map order, and the last by the first (wrap-around), so
+the next forward (next token, next denoising step) starts warm; a decoder that runs alone after a first call with its
+encoder is followed as it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+
+NOTHING: frozenset[int] = frozenset()
+
+
+class SuccessorSchedule:
+    """For each of ``groups`` groups, the group last seen to follow it (initially the next one, wrapping around)."""
+
+    def __init__(self, groups: int):
+        self.successor = {i: (i + 1) % groups for i in range(groups)}
+        self._previous: int | None = None
+
+    def learn(self, index: int) -> None:
+        """Group ``index`` is used now: it becomes the successor of the group used before it (unless the same)."""
+        if self._previous is not None and self._previous != index:
+            self.successor[self._previous] = index
+        self._previous = index
+
+    def upcoming(self, index: int, depth: int, skip: Container[int] = NOTHING) -> list[int]:
+        """The next ``depth`` groups after ``index`` in learned order, leaving out ``skip`` (resident groups)."""
+        upcoming = []
+        group = index
+        for _ in range(len(self.successor)):
+            group = self.successor[group]
+            if group == index or group in upcoming or len(upcoming) == depth:
+                break
+            if group not in skip:
+                upcoming.append(group)
+        return upcoming
