@@ -73,8 +73,8 @@ def cached_bytes(path) -> int:
     return sum(v & 1 for v in vector) * 4096
 
 
-def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4):
-    """A small random LlamaForCausalLM built from a config (no hub access needed)."""
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4, **overrides):
+    """A small random LlamaForCausalLM built from a config (no hub access needed); ``overrides`` go to the config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -89,6 +89,7 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **overrides,
     )
     return LlamaForCausalLM(config).eval()
 
