@@ -75,6 +75,18 @@ def dispatch_model(
             model, device_map, main_device, offload_dir=offload_dir, offload_index=offload_index, **accelerate_kwargs
         )
     config = (config or load_config()).with_offload_dir(offload_dir)
+    _validate(model, device_map, nvme_entries, config)
+    main_device = devicemap.main_device(device_map, main_device)
+    index, mapped = offloaded_weights(model, offload_index)
+    with all_or_nothing(model):
+        model.__dict__.pop(PENDING_ATTR, None)
+        return _dispatch_nvme(model, device_map, main_device, config, index, mapped, accelerate_kwargs)
+
+
+def _validate(
+    model: torch.nn.Module, device_map: Mapping[str, Any], nvme_entries: list[str], config: NvmeConfig
+) -> None:
+    """A folder for the nvme entries, keys that name ``model``'s modules or tensors, and no ``"disk"`` beside them."""
     if config.offload_dir is None:
         raise ValueError(
             f"device_map sends {len(nvme_entries)} module(s) to 'nvme' ({nvme_entries[0]!r}, ...) but no offload_dir "
@@ -83,11 +95,6 @@ def dispatch_model(
     with _quiet_accelerate():
         devicemap.check_keys(model, device_map)
     devicemap.refuse_mixed(device_map, "dispatch_model")
-    main_device = devicemap.main_device(device_map, main_device)
-    index, mapped = offloaded_weights(model, offload_index)
-    with all_or_nothing(model):
-        model.__dict__.pop(PENDING_ATTR, None)
-        return _dispatch_nvme(model, device_map, main_device, config, index, mapped, accelerate_kwargs)
 
 
 def _dispatch_nvme(
