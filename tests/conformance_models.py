@@ -50,28 +50,34 @@ def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
     return make().eval()
 
 
-def _decoder_config(config_class, **overrides):
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return config_class(**kwargs)
+TINY = dict(  # the transformers config fields most tiny models here share
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_fields(without: tuple[str, ...] = (), **overrides) -> dict:
+    """``TINY`` less the fields ``without`` names (a config class that has no such field), with ``overrides``."""
+    return {**{key: value for key, value in TINY.items() if key not in without}, **overrides}
+
+
+def decoder_config(config_class, **overrides):
+    """A tiny decoder-only config (grouped-query attention: two key/value heads) of ``config_class``."""
+    return config_class(**tiny_fields(num_key_value_heads=2, **overrides))
 
 
 def _causal_lm(config_name: str, model_name: str, **overrides) -> Callable[[], nn.Module]:
     def build():
         import transformers
 
-        config = _decoder_config(getattr(transformers, config_name), **overrides)
+        config = decoder_config(getattr(transformers, config_name), **overrides)
         return _seeded(lambda: getattr(transformers, model_name)(config))
 
     return build
@@ -94,50 +100,20 @@ def gpt2():
 def gpt_neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return _seeded(lambda: GPTNeoXForCausalLM(config))
+    return _seeded(lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**TINY)))
 
 
 def opt():
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = OPTConfig(**tiny_fields(("intermediate_size",), ffn_dim=64, word_embed_proj_dim=32))
     return _seeded(lambda: OPTForCausalLM(config))
 
 
 def falcon():
     from transformers import FalconConfig, FalconForCausalLM
 
-    config = FalconConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = FalconConfig(**tiny_fields(("intermediate_size", "max_position_embeddings")))
     return _seeded(lambda: FalconForCausalLM(config))
 
 
@@ -201,32 +177,12 @@ def bart():
 def bert():
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = BertConfig(**tiny_fields(("bos_token_id", "eos_token_id")))
     return _seeded(lambda: BertModel(config))
 
 
-def _clip_text(**overrides) -> dict:
-    return dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        projection_dim=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **overrides,
-    )
+def _clip_text() -> dict:
+    return tiny_fields(max_position_embeddings=32, projection_dim=16)
 
 
 def _clip_vision() -> dict:
