@@ -45,33 +45,45 @@ class Spec:
     extra: dict = field(default_factory=dict)
 
 
-def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
+def _seeded(make: Callable[[], nn.Module], drawn: str | None = None) -> nn.Module:
+    """``make()`` from seed 0, in eval mode; ``drawn`` names a tensor initialized to a constant (zeros), drawn at
+    random here so that a wrong copy of it would change the output."""
     torch.manual_seed(0)
-    return make().eval()
+    model = make().eval()
+    if drawn is not None:
+        with torch.no_grad():
+            getattr(model, drawn).normal_(generator=_gen())
+    return model
 
 
-def _decoder_config(config_class, **overrides):
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return config_class(**kwargs)
+TINY = dict(  # the transformers config fields most tiny models here share
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_fields(without: tuple[str, ...] = (), **overrides) -> dict:
+    """``TINY`` less the fields ``without`` names (a config class that has no such field), with ``overrides``."""
+    return {**{key: value for key, value in TINY.items() if key not in without}, **overrides}
+
+
+def decoder_config(config_class, **overrides):
+    """A tiny decoder-only config (grouped-query attention: two key/value heads) of ``config_class``."""
+    return config_class(**tiny_fields(num_key_value_heads=2, **overrides))
 
 
 def _causal_lm(config_name: str, model_name: str, **overrides) -> Callable[[], nn.Module]:
     def build():
         import transformers
 
-        config = _decoder_config(getattr(transformers, config_name), **overrides)
+        config = decoder_config(getattr(transformers, config_name), **overrides)
         return _seeded(lambda: getattr(transformers, model_name)(config))
 
     return build
@@ -94,50 +106,20 @@ def gpt2():
 def gpt_neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return _seeded(lambda: GPTNeoXForCausalLM(config))
+    return _seeded(lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**TINY)))
 
 
 def opt():
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = OPTConfig(**tiny_fields(("intermediate_size",), ffn_dim=64, word_embed_proj_dim=32))
     return _seeded(lambda: OPTForCausalLM(config))
 
 
 def falcon():
     from transformers import FalconConfig, FalconForCausalLM
 
-    config = FalconConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = FalconConfig(**tiny_fields(("intermediate_size", "max_position_embeddings")))
     return _seeded(lambda: FalconForCausalLM(config))
 
 
@@ -192,41 +174,18 @@ def bart():
         decoder_start_token_id=2,
         forced_eos_token_id=None,
     )
-    model = _seeded(lambda: BartForConditionalGeneration(config))
-    with torch.no_grad():
-        model.final_logits_bias.normal_(generator=_gen())  # zero at init: make the buffer count
-    return model
+    return _seeded(lambda: BartForConditionalGeneration(config), drawn="final_logits_bias")
 
 
 def bert():
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = BertConfig(**tiny_fields(("bos_token_id", "eos_token_id")))
     return _seeded(lambda: BertModel(config))
 
 
-def _clip_text(**overrides) -> dict:
-    return dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        projection_dim=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **overrides,
-    )
+def _clip_text() -> dict:
+    return tiny_fields(max_position_embeddings=32, projection_dim=16)
 
 
 def _clip_vision() -> dict:
@@ -306,6 +265,21 @@ def _whisper_inputs() -> dict:
     return {"input_features": torch.randn(1, 8, 32, generator=_gen()), "decoder_input_ids": _ids(1, 4)}
 
 
+def _denoiser_inputs(
+    hidden: tuple[int, ...], text: tuple[int, ...] = (1, 6, 16), pooled: int | None = None, **extra
+) -> dict:
+    """Random latents, text embeddings and (with ``pooled``) pooled projections, drawn in that order, timestep 3."""
+    g = _gen()
+    inputs = {
+        "hidden_states": torch.randn(*hidden, generator=g),
+        "encoder_hidden_states": torch.randn(*text, generator=g),
+        "timestep": torch.tensor([3]),
+    }
+    if pooled is not None:
+        inputs["pooled_projections"] = torch.randn(1, pooled, generator=g)
+    return {**inputs, **extra}
+
+
 def flux():
     from diffusers import FluxTransformer2DModel
 
@@ -325,21 +299,14 @@ def flux():
 
 
 def _flux_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 16, 4, generator=g),
-        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
-        "pooled_projections": torch.randn(1, 8, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 3),
-        "txt_ids": torch.zeros(5, 3),
-    }
+    ids = {"img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3)}
+    return _denoiser_inputs((1, 16, 4), (1, 5, 16), pooled=8, timestep=torch.tensor([0.5]), **ids)
 
 
 def wan():
     from diffusers import WanTransformer3DModel
 
-    model = _seeded(
+    return _seeded(
         lambda: WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
@@ -353,20 +320,13 @@ def wan():
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=32,
-        )
+        ),
+        drawn="scale_shift_table",
     )
-    with torch.no_grad():
-        model.scale_shift_table.normal_(generator=_gen())  # the root's own parameter
-    return model
 
 
 def _wan_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 4, 2, 8, 8, generator=g),
-        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
-        "timestep": torch.tensor([3]),
-    }
+    return _denoiser_inputs((1, 4, 2, 8, 8))
 
 
 def sd3():
@@ -390,19 +350,13 @@ def sd3():
 
 
 def _sd3_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 4, 8, 8, generator=g),
-        "encoder_hidden_states": torch.randn(1, 6, 32, generator=g),
-        "pooled_projections": torch.randn(1, 16, generator=g),
-        "timestep": torch.tensor([3]),
-    }
+    return _denoiser_inputs((1, 4, 8, 8), (1, 6, 32), pooled=16)
 
 
 def pixart():
     from diffusers import PixArtTransformer2DModel
 
-    model = _seeded(
+    return _seeded(
         lambda: PixArtTransformer2DModel(
             sample_size=8,
             num_layers=2,
@@ -419,21 +373,13 @@ def pixart():
             norm_type="ada_norm_single",
             norm_elementwise_affine=False,
             norm_eps=1e-6,
-        )
+        ),
+        drawn="scale_shift_table",
     )
-    with torch.no_grad():
-        model.scale_shift_table.normal_(generator=_gen())
-    return model
 
 
 def _pixart_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 4, 8, 8, generator=g),
-        "encoder_hidden_states": torch.randn(1, 6, 32, generator=g),
-        "timestep": torch.tensor([3]),
-        "added_cond_kwargs": {"aspect_ratio": None, "resolution": None},
-    }
+    return _denoiser_inputs((1, 4, 8, 8), (1, 6, 32), added_cond_kwargs={"aspect_ratio": None, "resolution": None})
 
 
 def unet():
@@ -508,18 +454,13 @@ def cogvideox():
 
 
 def _cogvideox_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 2, 4, 8, 8, generator=g),
-        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
-        "timestep": torch.tensor([3]),
-    }
+    return _denoiser_inputs((1, 2, 4, 8, 8))
 
 
 def ltx_video():
     from diffusers import LTXVideoTransformer3DModel
 
-    model = _seeded(
+    return _seeded(
         lambda: LTXVideoTransformer3DModel(
             in_channels=4,
             out_channels=4,
@@ -530,24 +471,13 @@ def ltx_video():
             cross_attention_dim=16,
             num_layers=2,
             caption_channels=16,
-        )
+        ),
+        drawn="scale_shift_table",
     )
-    with torch.no_grad():
-        model.scale_shift_table.normal_(generator=_gen())
-    return model
 
 
 def _ltx_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 2 * 4 * 4, 4, generator=g),
-        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
-        "timestep": torch.tensor([3]),
-        "encoder_attention_mask": torch.ones(1, 6),
-        "num_frames": 2,
-        "height": 4,
-        "width": 4,
-    }
+    return _denoiser_inputs((1, 2 * 4 * 4, 4), encoder_attention_mask=torch.ones(1, 6), num_frames=2, height=4, width=4)
 
 
 def hunyuan_video():
@@ -573,15 +503,9 @@ def hunyuan_video():
 
 
 def _hunyuan_inputs() -> dict:
-    g = _gen()
-    return {
-        "hidden_states": torch.randn(1, 4, 1, 4, 4, generator=g),
-        "timestep": torch.tensor([3]),
-        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
-        "encoder_attention_mask": torch.ones(1, 6),
-        "pooled_projections": torch.randn(1, 8, generator=g),
-        "guidance": torch.tensor([1000.0]),
-    }
+    return _denoiser_inputs(
+        (1, 4, 1, 4, 4), pooled=8, encoder_attention_mask=torch.ones(1, 6), guidance=torch.tensor([1000.0])
+    )
 
 
 def _diffusers(name, build, inputs, run=_diffusers_first) -> Spec:

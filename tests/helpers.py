@@ -4,6 +4,7 @@ import ctypes
 import os
 
 import torch
+from conformance_models import decoder_config
 from torch import nn
 
 IDS_SEED = 1
@@ -73,22 +74,13 @@ def cached_bytes(path) -> int:
     return sum(v & 1 for v in vector) * 4096
 
 
-def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4):
-    """A small random LlamaForCausalLM built from a config (no hub access needed)."""
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4, **overrides):
+    """A small random LlamaForCausalLM built from a config (no hub access needed); ``overrides`` go to the config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    config = decoder_config(
+        LlamaConfig, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **overrides
     )
     return LlamaForCausalLM(config).eval()
 

@@ -14,6 +14,7 @@ from helpers import tiny_llama
 
 import accel_nvme
 import accel_nvme.dispatch
+import accel_nvme.modelstate
 from accel_nvme import NvmeAlignDevicesHook
 
 IDS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -93,9 +94,9 @@ FAULTS = {
         accel_nvme.dispatch, "materialize", fail_on_call(accel_nvme.dispatch.materialize, 1)
     ),
     "leave_meta": lambda mp: mp.setattr(
-        accel_nvme.dispatch,
+        accel_nvme.modelstate,
         "set_module_tensor_to_device",
-        fail_on_call(accel_nvme.dispatch.set_module_tensor_to_device, 2),
+        fail_on_call(accel_nvme.modelstate.set_module_tensor_to_device, 2),
     ),
     "accelerate_attach": lambda mp: mp.setattr(
         accelerate.hooks, "add_hook_to_module", fail_on_call(accelerate.hooks.add_hook_to_module, 3)

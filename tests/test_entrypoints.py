@@ -1,23 +1,17 @@
-"""Every entry point and map shape accelerate's "disk" tier serves, on real transformers classes at tiny configs:
-device_map keys naming a tensor, load_checkpoint_and_dispatch / load_checkpoint_in_model, and {"": "nvme"} split
-down to blocks (generate, get_text_features). Outputs are torch.equal to the model in RAM; the same case through the
-"disk" tier is the baseline where it applies."""
+"""Every entry point and map shape accelerate's "disk" tier serves, on real transformers classes at the conformance
+suite's tiny configs: device_map keys naming a tensor, load_checkpoint_and_dispatch / load_checkpoint_in_model, and
+{"": "nvme"} split down to blocks (generate, get_text_features). Outputs are torch.equal to the model in RAM; the same
+case through the "disk" tier is the baseline where it applies."""
 
 import pytest
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 from accelerate.utils import compute_module_sizes
+from conformance_models import bart, t5
+from conformance_models import clip as conformance_clip
 from helpers import tiny_llama
 from safetensors.torch import load_file
-from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
-    CLIPConfig,
-    CLIPModel,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import BartForConditionalGeneration, CLIPModel, LlamaForCausalLM, T5ForConditionalGeneration
 
 import accel_nvme
 from accel_nvme import NvmeAlignDevicesHook
@@ -26,58 +20,10 @@ IDS = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def bart():
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=96,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-    )
-    model = BartForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.final_logits_bias.normal_()  # zeros by default: a bias that is never read would go unnoticed
-    return model
-
-
-def t5():
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=96,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-    )
-    return T5ForConditionalGeneration(config).eval()
-
-
 def clip():
-    torch.manual_seed(0)
-    text = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8
-    )
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model = conformance_clip()
     with torch.no_grad():
-        model.logit_scale.fill_(1.7)
+        model.logit_scale.fill_(1.7)  # not its initial value: a logit_scale left unloaded would go unnoticed
     return model
 
 

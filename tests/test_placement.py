@@ -9,7 +9,7 @@ from accelerate import infer_auto_device_map
 from helpers import run_dit, tiny_dit_pipeline, tiny_lm
 
 import accel_nvme
-from accel_nvme.dispatch import _main_device
+from accel_nvme.devicemap import main_device
 from accel_nvme.placement import (
     Budgets,
     Component,
@@ -187,9 +187,9 @@ def test_auto_device_map_fills_the_gpu_then_the_cpu_then_streams_and_computes_on
     )
     tiers = list(dict.fromkeys(device_map.values()))
     assert tiers == [0, "cpu", "disk"], device_map  # "disk" becomes "nvme" under offload_backend="nvme"
-    assert _main_device(device_map, None) == 0
-    assert _main_device({"": "nvme"}, None) == "cpu"
-    assert _main_device({"": "nvme"}, "cuda:1") == "cuda:1"
+    assert main_device(device_map, None) == 0
+    assert main_device({"": "nvme"}, None) == "cpu"
+    assert main_device({"": "nvme"}, "cuda:1") == "cuda:1"
 
 
 # ---------------------------------------------------------------- a real pipeline, on the CPU

@@ -21,7 +21,8 @@ import torch
 from accelerate.utils import find_tied_parameters
 
 from ..config import load_config
-from ..dispatch import NVME, PENDING_ATTR, NvmeLoading
+from ..devicemap import has_nvme, refuse_mixed, to_accelerate
+from ..loading import PENDING_ATTR, NvmeLoading
 from .patching import patch
 
 _original_load_checkpoint_in_model = accelerate_modeling.load_checkpoint_in_model
@@ -43,11 +44,10 @@ def load_checkpoint_in_model(*args, **kwargs):
     """accelerate's ``load_checkpoint_in_model``; entries mapped to ``"nvme"`` are noted for ``dispatch_model``."""
     bound = _signature.bind(*args, **kwargs)
     device_map = bound.arguments.get("device_map")
-    if not isinstance(device_map, dict) or NVME not in device_map.values():
+    if not has_nvme(device_map):
         return _original_load_checkpoint_in_model(*args, **kwargs)
     model = bound.arguments["model"]
-    if "disk" in device_map.values():
-        raise ValueError("load_checkpoint_in_model: device_map mixes 'disk' and 'nvme' entries; map them all to 'nvme'")
+    refuse_mixed(device_map, "load_checkpoint_in_model")
     config = load_config(offload_dir=bound.arguments.get("offload_folder"))
     if config.offload_dir is None:
         raise ValueError(
@@ -55,9 +55,7 @@ def load_checkpoint_in_model(*args, **kwargs):
             "offload_folder was given: pass offload_folder=... or set ACCEL_NVME_OFFLOAD_FOLDER"
         )
     loading = model.__dict__.get(PENDING_ATTR) or NvmeLoading(config)
-    bound.arguments["device_map"] = {
-        name: ("disk" if device == NVME else device) for name, device in device_map.items()
-    }
+    bound.arguments["device_map"] = to_accelerate(device_map)
     bound.arguments["offload_folder"] = str(config.offload_dir)
     tied = find_tied_parameters(model)
     token = _CURRENT.set(_Load(loading, str(config.offload_dir)))

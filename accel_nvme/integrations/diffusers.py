@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from ..dispatch import current_loading
+from ..loading import current_loading
 from .kwargs import wrap_from_pretrained
 from .patching import patch
 from .pipelines import patch_pipeline_loading

@@ -9,10 +9,11 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import FIELDS, NvmeConfig, load_config
-from ..dispatch import NVME, NvmeLoading, disk_as_nvme
+from ..devicemap import DISK, NVME, has_nvme, refuse_mixed, to_accelerate
+from ..loading import NvmeLoading, disk_as_nvme
 from .patching import patch
 
-BACKENDS = (None, "disk", NVME)
+BACKENDS = (None, DISK, NVME)
 OPTION_PREFIX = "nvme_"
 
 
@@ -36,15 +37,14 @@ def pop_nvme_config(kwargs: dict[str, Any], owner: str) -> NvmeConfig | None:
             "and costs disk space, not memory (its RAM use is (prefetch_depth + 1) staging buffers); drop the key"
         )
     device_map = kwargs.get("device_map")
-    explicit = isinstance(device_map, dict) and NVME in device_map.values()
+    explicit = has_nvme(device_map)
     if backend != NVME and not explicit:
         if options or base is not None:
             raise ValueError(f"{owner}: nvme options {sorted(options) or ['nvme_config']} need offload_backend='nvme'")
         return None
     if explicit:
-        if "disk" in device_map.values():
-            raise ValueError(f"{owner}: device_map mixes 'disk' and 'nvme' entries; map the 'disk' ones to 'nvme' too")
-        kwargs["device_map"] = {name: ("disk" if device == NVME else device) for name, device in device_map.items()}
+        refuse_mixed(device_map, owner)
+        kwargs["device_map"] = to_accelerate(device_map)
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
         raise TypeError(f"{owner}: unknown nvme options {[OPTION_PREFIX + k for k in unknown]}")

@@ -1,0 +1,57 @@
+"""The one translation between "nvme" and accelerate's "disk", and the device_map checks, on plain maps."""
+
+import pytest
+import torch
+
+from accel_nvme.devicemap import (
+    check_values,
+    device_of,
+    execution_device,
+    from_accelerate,
+    has_nvme,
+    refuse_mixed,
+    to_accelerate,
+)
+
+MAP = {"embed": 0, "body.layers": "nvme", "body.final": "cpu", "head": torch.device("cpu")}
+
+
+def test_nvme_travels_as_disk_and_comes_back():
+    accelerate_map = to_accelerate(MAP)
+    assert accelerate_map == {**MAP, "body.layers": "disk"}
+    assert list(accelerate_map) == list(MAP), "order kept: accelerate takes the first GPU value as the main device"
+    assert from_accelerate(accelerate_map) == MAP
+    assert MAP["body.layers"] == "nvme", "the given map is not changed"
+
+
+def test_has_nvme_only_for_a_dict_with_an_nvme_value():
+    assert has_nvme(MAP)
+    assert not has_nvme(to_accelerate(MAP))
+    assert not has_nvme("auto")
+    assert not has_nvme(None)
+
+
+def test_a_map_with_both_tiers_is_refused_naming_the_disk_entry():
+    refuse_mixed(MAP, "caller")
+    with pytest.raises(ValueError, match=r"caller: device_map mixes 'disk' and 'nvme' entries \('head' is 'disk'\)"):
+        refuse_mixed({**MAP, "head": "disk"}, "caller")
+
+
+def test_an_unknown_value_is_named():
+    check_values({**MAP, "x": "disk", "y": "cuda:1"})
+    with pytest.raises(ValueError, match=r"device_map\['head'\] is 'nvm': expected 'nvme', 'cpu'"):
+        check_values({**MAP, "head": "nvm"})
+
+
+def test_the_longest_entry_covers_a_tensor():
+    device_map = {"": "cpu", "body": "nvme", "body.layers.0": 0}
+    assert device_of("body.layers.0.mlp.weight", device_map) == 0
+    assert device_of("body.layers.1.mlp.weight", device_map) == "nvme"
+    assert device_of("bodyx.weight", device_map) == "cpu"
+    assert device_of("head.weight", {"body": "nvme"}) is None
+
+
+def test_execution_device_is_a_full_torch_device():
+    assert execution_device("cpu") == torch.device("cpu")
+    assert execution_device(1) == torch.device("cuda", 1)
+    assert execution_device("cuda:2") == torch.device("cuda", 2)
