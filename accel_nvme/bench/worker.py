@@ -140,6 +140,25 @@ def _summarize_drops(drops: list[dict[str, float | None]]) -> dict[str, dict[str
     }
 
 
+@dataclass(frozen=True)
+class _Ready:
+    """A mode set up: its forward, the seconds it took, the RSS after it and its peak, whether the peak was reset."""
+
+    forward: Callable
+    setup_s: float
+    rss_after_setup_mb: float | None
+    setup_peak_mb: float
+    peak_reset: bool
+
+
+def _set_up(mode: Mode, config: BenchConfig, folder: Path, checkpoint: Path | None) -> _Ready:
+    start = time.perf_counter()
+    forward = mode.setup(config)(config, folder, checkpoint)
+    gc.collect()
+    setup_s = time.perf_counter() - start
+    return _Ready(forward, setup_s, proc_status_mb("VmRSS"), proc_status_mb("VmHWM") or 0.0, reset_peak_rss())
+
+
 def run_worker(
     mode: Mode, config: BenchConfig, folder: Path, outputs_path: Path, checkpoint: Path | None
 ) -> ModeResult:
@@ -155,31 +174,24 @@ def run_worker(
         return ModeResult(mode, "skipped", error=skip)
     folders = [folder] if checkpoint is None else [folder, checkpoint]
     drops: list[dict[str, float | None]] = []
-    start = time.perf_counter()
     with torch.inference_mode():
-        forward = mode.setup(config)(config, folder, checkpoint)
-        gc.collect()
-        setup_s = time.perf_counter() - start
-        rss_after_setup = proc_status_mb("VmRSS")
-        setup_peak = proc_status_mb("VmHWM") or 0.0
-        peak_reset = reset_peak_rss()
-        stream, residency = _nvme_stream(forward) if mode.nvme else (None, None)
-        probe = _Probe(folders, stream)
-        drop = functools.partial(_drop_and_record, folders, drops)
+        ready = _set_up(mode, config, folder, checkpoint)
+        stream, residency = _nvme_stream(ready.forward) if mode.nvme else (None, None)
+        probe, drop = _Probe(folders, stream), functools.partial(_drop_and_record, folders, drops)
         batches = config.batches[:1] if mode.raw else config.batches  # a read is the same at any batch
-        measured = [_measure_batch(forward, config, batch, probe, drop) for batch in batches]
-    forward_peak = proc_status_mb("VmHWM") if peak_reset else None
+        measured = [_measure_batch(ready.forward, config, batch, probe, drop) for batch in batches]
+    forward_peak = proc_status_mb("VmHWM") if ready.peak_reset else None
     outputs = {entry.batch: y for entry, y in measured if y is not None}
     if outputs:
         torch.save(outputs, outputs_path)
     return ModeResult(
         mode,
         OK,
-        setup_s=setup_s,
-        rss_after_setup_mb=rss_after_setup,
+        setup_s=ready.setup_s,
+        rss_after_setup_mb=ready.rss_after_setup_mb,
         forward_peak_rss_mb=forward_peak,
         # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so it starts at the bench's own RSS
-        peak_rss_mb=max(setup_peak, forward_peak or proc_status_mb("VmHWM") or 0.0),
+        peak_rss_mb=max(ready.setup_peak_mb, forward_peak or proc_status_mb("VmHWM") or 0.0),
         page_cache_drop=_summarize_drops(drops),
         nvme_residency=residency,
         batches=tuple(entry for entry, _ in measured),
