@@ -4,6 +4,7 @@ reads it. Mode names (``nvme_resident_25`` included) are parsed into records onc
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -69,7 +70,7 @@ class Mode:
         if self.requires is None:
             return None
         try:
-            __import__(self.requires)
+            importlib.import_module(self.requires)
         except ImportError as e:
             return f"{self.requires.split('.')[0]} is not importable: {e}"
         return None
