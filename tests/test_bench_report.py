@@ -1,6 +1,7 @@
 """The bench's pure parts (table, ratios, recommendation, sizing, checkpoint) and the JSON/PNG of a tiny real run."""
 
 import json
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -295,6 +296,18 @@ def test_mode_names_parse_into_records_with_their_parameters():
     for bad in ("nvme_resident_x", "bogus", "nvme_resident_"):
         with pytest.raises(ValueError, match=rf"expected a bench mode among ram, .* got '{bad}'"):
             bench.parse_mode(bad)
+    missing = replace(bench.parse_mode("diffusers_disk"), requires="no_such_module.hooks")
+    assert missing.skip_reason().startswith("no_such_module is not importable")
+    assert bench.parse_mode("diffusers_disk").skip_reason() is None
+
+
+def test_worker_refuses_an_unknown_mode_saying_which_exist(tmp_path):
+    command = [sys.executable, "-m", "accel_nvme.bench", "--mode", "nvme_resident_x", "--config", "{}"]
+    paths = ["--folder", str(tmp_path / "f"), "--outputs", str(tmp_path / "o"), "--json-out", str(tmp_path / "j")]
+    result = subprocess.run([*command, *paths], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "expected a bench mode among ram, raw_direct" in result.stderr and "'nvme_resident_x'" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_a_saved_report_is_reproduced_from_its_measurements():

@@ -199,10 +199,17 @@ def run_worker(
     )
 
 
+def _mode_argument(name: str) -> Mode:
+    try:
+        return parse_mode(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m accel_nvme.bench`` (started by ``accel-nvme bench``, one process per mode)."""
     parser = argparse.ArgumentParser(description="One accel-nvme bench mode (started by `accel-nvme bench`).")
-    parser.add_argument("--mode", required=True, type=parse_mode, help="one of MODES, or nvme_resident_<percent>")
+    parser.add_argument("--mode", required=True, type=_mode_argument, help="one of MODES, or nvme_resident_<percent>")
     parser.add_argument("--config", required=True, help="BenchConfig as JSON")
     parser.add_argument("--folder", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, help="the Llama checkpoint (from_pretrained runs)")
