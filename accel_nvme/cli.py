@@ -57,11 +57,8 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``accel-nvme`` argument parser with its sub-commands."""
-    parser = argparse.ArgumentParser(prog="accel-nvme", description="Stream offloaded weights from NVMe.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (worker output included)")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    """The ``bench`` sub-command and its options."""
     b = commands.add_parser("bench", help="time cold and warm forwards of offloading modes on a synthetic model")
     b.add_argument(
         "--free-ram",
@@ -96,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="also run nvme with these shares of the model resident, in percent, e.g. 0,25,50,100",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``accel-nvme`` argument parser with its sub-commands."""
+    parser = argparse.ArgumentParser(prog="accel-nvme", description="Stream offloaded weights from NVMe.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (worker output included)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_bench_parser(commands)
     c = commands.add_parser("config", help="write defaults to accel_nvme.yaml in accelerate's config folder")
     c.add_argument("--offload-folder", dest="offload_dir", help="where group files are written")
     c.add_argument("--prefetch-depth", type=int, help="groups read ahead of the one in use")

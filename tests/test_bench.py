@@ -1,5 +1,6 @@
-"""The README's main command, on small models: every mode runs, the offloaded outputs are exact, and the squeezed
-regime's ballast holds memory while the modes run and is gone after the bench, also when the bench is killed."""
+"""The README's main command, on small models: every mode runs, the offloaded outputs are exact, the JSON keeps its
+schema, and the squeezed regime's ballast holds memory while the modes run and is gone after the bench, also when the
+bench is killed."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,13 +16,34 @@ import pytest
 from accel_nvme import bench
 
 BALLAST_BYTES = 1_500_000_000  # enough to see the squeeze work, small enough not to starve tests running alongside
+SCHEMA = Path(__file__).resolve().parent / "bench_schema.json"
 
 
 def _bench_command(tmp_path, *options):
     return [sys.executable, "-m", "accel_nvme.cli", "bench", "--offload-folder", str(tmp_path), *options]
 
 
-def test_bench_runs_and_reports_exact_outputs(tmp_path):
+def json_schema(value):
+    """The nested keys of a JSON value, in order, with each leaf replaced by its type name (values vary by run)."""
+    if isinstance(value, dict):
+        return {key: json_schema(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [json_schema(v) for v in value]
+    return "null" if value is None else type(value).__name__
+
+
+def _assert_schema(report: dict, name: str) -> None:
+    """``report`` has the key structure and value types pinned in tests/bench_schema.json under ``name``."""
+    expected = json.loads(SCHEMA.read_text())[name]
+    actual = json_schema(report)
+    assert actual == expected
+    assert json.dumps(actual) == json.dumps(expected), "same keys and types, but in another order"
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """Every mode and a resident share in the whole machine, on a tiny Linear model: (the CLI's result, its JSON)."""
+    tmp_path = tmp_path_factory.mktemp("plain")
     out = tmp_path / "bench.json"
     cmd = _bench_command(
         tmp_path,
@@ -33,23 +56,35 @@ def test_bench_runs_and_reports_exact_outputs(tmp_path):
         "4,16",
         "--forwards",
         "2",
+        "--warm-forwards",
+        "1",
         "--modes",
-        "ram,raw_direct,nvme,accelerate_disk",
+        ",".join(bench.MODES),
+        "--resident-budget",
+        "0,50",
         "--json",
         str(out),
     )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []
+    return result, json.loads(out.read_text())
+
+
+def test_bench_runs_and_reports_exact_outputs(plain_run):
+    result, report = plain_run
     assert "nvme" in result.stdout
-    report = json.loads(out.read_text())
     assert report["squeeze"] is None
     modes = {m["mode"]: m for m in report["modes"]}
-    assert set(modes) == {"ram", "raw_direct", "nvme", "accelerate_disk"}
+    assert set(modes) == {*bench.MODES, "nvme_resident_50"}
     assert all(m["status"] == "ok" for m in modes.values()), [m.get("error") for m in modes.values()]
-    for mode in ("nvme", "accelerate_disk"):
-        assert [b["exact"] for b in modes[mode]["batches"]] == [True, True]
+    for mode in ("nvme", "accelerate_disk", "diffusers_disk", "nvme_auto", "nvme_resident_50"):
+        assert [b["exact"] for b in modes[mode]["batches"]] == [True, True], mode
     assert all(b["page_cache_growth_mb"] is not None for b in modes["nvme"]["batches"])
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []
+
+
+def test_json_schema_of_a_plain_run(plain_run):
+    _assert_schema(plain_run[1], "plain")
 
 
 def _ballast_pid(stderr_line: str) -> int | None:
@@ -88,22 +123,29 @@ def _squeezed_options(tmp_path, out):
     ), free
 
 
-def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(tmp_path):
+@pytest.fixture(scope="module")
+def squeezed_run(tmp_path_factory):
+    """Every mode and a resident share in a squeezed machine, on a tiny Llama: (the CLI's result, its JSON, free)."""
+    tmp_path = tmp_path_factory.mktemp("squeezed")
     out = tmp_path / "bench.json"
     cmd, free = _squeezed_options(tmp_path, out)
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([*cmd, "--resident-budget", "50"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
+    return result, json.loads(out.read_text()), free
+
+
+def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(squeezed_run):
+    result, report, free = squeezed_run
     pid = next(p for p in map(_ballast_pid, result.stderr.splitlines()) if p)
     assert _gone(pid), f"the ballast (pid {pid}) outlived the bench"
-    report = json.loads(out.read_text())
     statuses = {m["mode"]: m["status"] for m in report["modes"]}
-    assert set(statuses) == set(bench.MODES)
+    assert set(statuses) == {*bench.MODES, "nvme_resident_50"}
     assert set(statuses.values()) == {"ok"}, [m.get("error") for m in report["modes"]]  # none killed, none failed
     squeeze = report["squeeze"]
     assert squeeze["free_ram_bytes"] == free
     # it holds what is above free (others running tests meanwhile may have taken it all)
     assert squeeze["held_at_start_bytes"] > 0 or squeeze["available_at_start_bytes"] < free + (512 << 20)
-    assert set(squeeze["modes"]) == set(bench.MODES) - {"ram"}  # the reference runs before the squeeze
+    assert set(squeeze["modes"]) == {*bench.MODES, "nvme_resident_50"} - {"ram"}  # ram runs before the squeeze
     for mode, held in squeeze["modes"].items():  # the ballast gives back what others took, while it holds some
         assert held["available_bytes"] < free + (512 << 20), (mode, held)
         assert held["held_bytes"] == 0 or abs(held["available_bytes"] - free) < 512 << 20, (mode, held)
@@ -113,6 +155,10 @@ def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(tmp_path):
         assert modes[mode]["batches"][0]["exact"] is True, mode
     assert report["nvme_auto"]["batches"]["4"]["warm_s"] > 0
     assert "squeezed: a ballast process held" in result.stdout
+
+
+def test_json_schema_of_a_squeezed_run(squeezed_run):
+    _assert_schema(squeezed_run[1], "squeezed")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])

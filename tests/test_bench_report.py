@@ -1,80 +1,62 @@
 """The bench's pure parts (table, ratios, recommendation, sizing, checkpoint) and the JSON/PNG of a tiny real run."""
 
 import json
+import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from accel_nvme import bench
+from accel_nvme.bench.results import BatchResult, ModeResult, Residency, Squeeze
+
+HERE = Path(__file__).resolve().parent
 
 GB = 1_000_000_000
 
 
 def _mode(mode, cold, warm, batch=8, status="ok", model_bytes=1 * GB):
     if status != "ok":
-        return {"mode": mode, "status": status, "error": "needs the model in RAM"}
-    entry = {
-        "batch": batch,
-        "times_s": [cold, cold * 1.1],
-        "page_cache_growth_mb": [0.0, 1.0],
-        "warm_times_s": [warm],
-        "warm_page_cache_growth_mb": [0.0],
-        "file_cache_growth_mb": [0.0, 1.0],
-        "warm_file_cache_growth_mb": [0.0],
-        "stable": True,
-        "min_s": cold,
-        "median_s": cold * 1.05,
-        "gb_per_s": 1.0 / cold,
-        "warm_min_s": warm,
-        "warm_median_s": warm,
-        "warm_gb_per_s": 1.0 / warm,
-        "exact": True,
-        "max_abs_diff": 0.0,
-    }
-    return {
-        "mode": mode,
-        "status": "ok",
-        "model_bytes": model_bytes,
-        "setup_s": 1.0,
-        "rss_after_setup_mb": 300.0,
-        "forward_peak_rss_mb": 500.0,
-        "rss_above_setup_mb": 200.0,
-        "peak_rss_mb": 520.0,
-        "page_cache_drop": {"fadvise": {"first_freed_mb": 1.0}, "drop_caches": {"first_freed_mb": 0.0}},
-        "batches": [entry],
-    }
+        return ModeResult(bench.parse_mode(mode), status, error="needs the model in RAM")
+    entry = BatchResult(
+        batch=batch,
+        times_s=[cold, cold * 1.1],
+        page_cache_growth_mb=[0.0, 1.0],
+        warm_times_s=[warm],
+        warm_page_cache_growth_mb=[0.0],
+        file_cache_growth_mb=[0.0, 1.0],
+        warm_file_cache_growth_mb=[0.0],
+        major_faults=[0, 0, 0],
+        stable=True,
+        exact=True,
+        max_abs_diff=0.0,
+    )
+    return ModeResult(
+        bench.parse_mode(mode),
+        "ok",
+        setup_s=1.0,
+        rss_after_setup_mb=300.0,
+        forward_peak_rss_mb=500.0,
+        peak_rss_mb=520.0,
+        page_cache_drop={"fadvise": {"first_freed_mb": 1.0}, "drop_caches": {"first_freed_mb": 0.0}},
+        batches=(entry,),
+        model_bytes=model_bytes,
+    )
 
 
 def _report(results, model_bytes=1 * GB, available_gb=20.0, squeeze=None):
-    report = {
-        "machine": {
-            "load_average_at_start": (0.1, 0.1, 0.1),
-            "cpus": 2,
-            "ram_gb": 24.0,
-            "available_ram_gb": available_gb,
-        },
-        "config": {
-            "layers": 4,
-            "hidden": 1024,
-            "batches": [8],
-            "forwards": 2,
-            "warm_forwards": 1,
-            "seed": 0,
-            "from_pretrained": False,
-            "model": "linear",
-            "model_bytes": model_bytes,
-            "llama_shape": None,
-            "modes": [r["mode"] for r in results],
-        },
-        "nvme_settings": {"offload_dir": None, "prefetch_depth": 2, "io_threads": 4},
-        "modes": results,
-        "ratios": bench.compute_ratios(results, [8]),
-        "squeeze": squeeze,
-        "nvme_auto": bench.nvme_auto_summary(results, [8]),
+    machine = {
+        "load_average_at_start": (0.1, 0.1, 0.1),
+        "cpus": 2,
+        "ram_gb": 24.0,
+        "available_ram_gb": available_gb,
+        "available_before_squeeze_gb": 20.0,
     }
-    report["machine"]["available_before_squeeze_gb"] = 20.0
-    report["recommendation"] = bench.recommend(report)
-    return report
+    hidden = bench.hidden_for_size(model_bytes, 4)
+    config = bench.BenchConfig(layers=4, hidden=hidden, batches=(8,), forwards=2, warm_forwards=1)
+    settings = {"offload_dir": None, "prefetch_depth": 2, "io_threads": 4}
+    return bench.Report.of(machine, config, results, settings, squeeze).to_json()
 
 
 MEASURED = [
@@ -144,10 +126,10 @@ def test_llama_shape_reaches_the_size_with_small_layers():
 def test_modes_that_need_the_model_in_ram_do_not_fit():
     config = bench.BenchConfig(from_pretrained=True)
     small_ram = config.model_bytes
-    statuses = {m: bench._does_not_fit(m, config, small_ram) for m in bench.MODES}
+    statuses = {m: bench.does_not_fit(bench.parse_mode(m), config, small_ram) for m in bench.MODES}
     assert {m for m, r in statuses.items() if r} == {"ram", "diffusers_disk"}
-    assert statuses["ram"]["status"] == "does not fit"
-    assert all(bench._does_not_fit(m, config, 100 * GB) is None for m in bench.MODES)
+    assert statuses["ram"].status == "does not fit" and "needs the" in statuses["ram"].error
+    assert all(bench.does_not_fit(bench.parse_mode(m), config, 100 * GB) is None for m in bench.MODES)
 
 
 def test_llama_checkpoint_matches_its_shape_and_index(tmp_path):
@@ -233,18 +215,16 @@ def test_resident_sweep_runs_each_share_exactly(tmp_path):
 
 def _auto(warm, streamed, model_bytes=2 * GB):
     result = _mode("nvme_auto", warm * 1.2, warm, model_bytes=model_bytes)
-    result["nvme_residency"] = {
-        "groups": 40,
-        "group_bytes": 50_000_000,
-        "resident_groups": 10,
-        "resident_bytes": GB // 2,
-    }
-    result["batches"][0]["streamed_bytes"] = [streamed, streamed, streamed]  # two cold forwards, one warm
-    return result
+    (entry,) = result.batches
+    return replace(
+        result,
+        nvme_residency=Residency(groups=40, group_bytes=50_000_000, resident_groups=10, resident_bytes=GB // 2),
+        batches=(replace(entry, streamed_bytes=[streamed, streamed, streamed]),),  # two cold forwards, one warm
+    )
 
 
 SQUEEZED = [
-    {**_mode("ram", 0.3, 0.3, model_bytes=2 * GB), "squeezed": False},
+    replace(_mode("ram", 0.3, 0.3, model_bytes=2 * GB), squeezed=False),
     _mode("raw_direct", 1.0, 1.1, model_bytes=2 * GB),  # 2 GB/s, the best raw rate of the run
     _mode("raw_buffered", 1.25, 1.2, model_bytes=2 * GB),
     _mode("accelerate_disk", 3.5, 3.0, model_bytes=2 * GB),
@@ -255,7 +235,7 @@ SQUEEZED = [
 
 
 def test_nvme_auto_is_measured_against_its_bound_and_the_faster_disk_anchor():
-    summary = bench.nvme_auto_summary(SQUEEZED, [8])
+    summary = bench.nvme_auto_summary(SQUEEZED, [8]).to_json()
     assert summary["resident_bytes"] == GB // 2 and summary["group_bytes"] == 50_000_000
     row = summary["batches"]["8"]
     assert row["anchor"] == "accelerate_disk" and row["speedup_warm"] == pytest.approx(3.0 / 0.8)
@@ -268,13 +248,13 @@ def test_nvme_auto_is_measured_against_its_bound_and_the_faster_disk_anchor():
 
 
 def test_compute_bound_batch_is_bounded_by_the_in_ram_forward():
-    results = [{**_mode("ram", 0.9, 0.9, model_bytes=2 * GB)}, *SQUEEZED[1:-1], _auto(1.0, int(1.5 * GB))]
-    row = bench.nvme_auto_summary(results, [8])["batches"]["8"]
-    assert row["bound_by"] == "compute" and row["bound_s"] == pytest.approx(0.9)
+    results = [_mode("ram", 0.9, 0.9, model_bytes=2 * GB), *SQUEEZED[1:-1], _auto(1.0, int(1.5 * GB))]
+    row = bench.nvme_auto_summary(results, [8]).batches["8"]
+    assert row.bound_by == "compute" and row.bound_s == pytest.approx(0.9)
 
 
 def test_squeezed_regime_recommends_auto_with_its_speed_up():
-    squeeze = {"free_ram_bytes": 1_200_000_000, "held_at_start_bytes": 18 * GB, "modes": {}}
+    squeeze = Squeeze(free_ram_bytes=1_200_000_000, held_at_start_bytes=18 * GB, available_at_start_bytes=0)
     report = _report(SQUEEZED, model_bytes=2 * GB, available_gb=1.2, squeeze=squeeze)
     rec = report["recommendation"]
     assert rec["setting"] == "nvme" and rec["resident_budget"] == "auto" and rec["fits_in_ram"] is False
@@ -295,7 +275,46 @@ def test_squeezed_llama_keeps_three_staging_buffers_small():
 
 def test_plot_of_a_squeezed_report(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs the optional extra: pip install 'accel-nvme[plot]'")
-    squeeze = {"free_ram_bytes": 1_200_000_000, "held_at_start_bytes": 18 * GB, "modes": {}}
+    squeeze = Squeeze(free_ram_bytes=1_200_000_000, held_at_start_bytes=18 * GB, available_at_start_bytes=0)
     path = tmp_path / "squeezed.png"
     bench.plot_report(_report(SQUEEZED, model_bytes=2 * GB, available_gb=1.2, squeeze=squeeze), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mode_names_parse_into_records_with_their_parameters():
+    resident = bench.parse_mode("nvme_resident_25")
+    assert resident.nvme and resident.resident == 0.25 and resident.folder_name == "nvme"
+    assert resident.resident_budget(4 * GB) == GB
+    assert bench.parse_mode("nvme_auto").resident_budget(4 * GB) == "auto"
+    assert bench.parse_mode("nvme").resident_budget(4 * GB) == 0
+    assert [m.name for m in bench.BASE_MODES] == list(bench.MODES)
+    raw = bench.parse_mode("raw_direct")
+    assert raw.raw and not raw.nvme and raw.folder_name == "raw_direct"
+    llama, linear = bench.BenchConfig(from_pretrained=True), bench.BenchConfig()
+    assert raw.writes(linear) and not raw.writes(llama) and not raw.needs_ram(llama) and raw.needs_ram(linear)
+    assert bench.parse_mode("diffusers_disk").offload_type == "leaf_level"
+    for bad in ("nvme_resident_x", "bogus", "nvme_resident_"):
+        with pytest.raises(ValueError, match=rf"expected a bench mode among ram, .* got '{bad}'"):
+            bench.parse_mode(bad)
+    missing = replace(bench.parse_mode("diffusers_disk"), requires="no_such_module.hooks")
+    assert missing.skip_reason().startswith("no_such_module is not importable")
+    assert bench.parse_mode("diffusers_disk").skip_reason() is None
+
+
+def test_worker_refuses_an_unknown_mode_saying_which_exist(tmp_path):
+    command = [sys.executable, "-m", "accel_nvme.bench", "--mode", "nvme_resident_x", "--config", "{}"]
+    paths = ["--folder", str(tmp_path / "f"), "--outputs", str(tmp_path / "o"), "--json-out", str(tmp_path / "j")]
+    result = subprocess.run([*command, *paths], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "expected a bench mode among ram, raw_direct" in result.stderr and "'nvme_resident_x'" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_a_saved_report_is_reproduced_from_its_measurements():
+    """tests/bench_report_squeezed.{json,txt}: a squeezed run's JSON and printed report, recorded with the bench
+    before it became a package. Parsed into records and analysed again, it gives the same JSON and the same text."""
+    saved = json.loads((HERE / "bench_report_squeezed.json").read_text())
+    again = json.loads(json.dumps(bench.Report.from_json(saved).to_json()))
+    assert again == saved
+    assert json.dumps(again) == json.dumps(saved)  # the keys in the same order too
+    assert bench.format_report(saved) + "\n" == (HERE / "bench_report_squeezed.txt").read_text()
