@@ -13,6 +13,8 @@ import pkgutil
 import pytest
 
 import accel_nvme
+import accel_nvme.bench
+import accel_nvme.integrations
 
 MODULES = [
     "accel_nvme",
@@ -38,6 +40,7 @@ MODULES = [
     *sorted(f"accel_nvme.integrations.{m.name}" for m in pkgutil.iter_modules(accel_nvme.integrations.__path__)),
     "accel_nvme.cli",
     "accel_nvme.bench",
+    *sorted(f"accel_nvme.bench.{m.name}" for m in pkgutil.iter_modules(accel_nvme.bench.__path__)),
 ]
 
 
