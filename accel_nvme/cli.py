@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 SQUEEZE_DEFAULTS = {
     "free_ram": 1_200_000_000,
     "size": 2_000_000_000,
-    "batches": (16, 128),
+    "batches": (16, 256),
     "forwards": 1,
     "warm_forwards": 3,
 }
@@ -72,7 +72,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     b.add_argument("--size", type=parse_size, help="model size, e.g. 1GB (default 2GB squeezed); picks --hidden")
     b.add_argument("--layers", type=int, default=16, help="number of Linear layers (default 16)")
     b.add_argument("--hidden", type=int, help="hidden size (default 4096)")
-    b.add_argument("--batch", type=_positive_ints, help="batch sizes (default 16,128 squeezed, else 64,512)")
+    b.add_argument("--batch", type=_positive_ints, help="batch sizes (default 16,256 squeezed, else 64,512)")
     b.add_argument("--forwards", type=int, help="timed cold forwards per batch (default 1 squeezed, else 3)")
     b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
     b.add_argument("--json", help="also write the report to this JSON file")
