@@ -57,6 +57,11 @@ class FileReader:
         with self._lock:
             return self._busy + (time.perf_counter() - self._busy_since if self._active else 0.0)
 
+    def opened(self) -> dict[Path, bool]:
+        """The files opened so far, each with whether it is read with O_DIRECT (False: the buffered fallback)."""
+        with self._lock:
+            return {path: direct for path, (_, direct) in self._fds.items()}
+
     def _fd(self, path: Path) -> tuple[int, bool]:
         with self._lock:
             if self._closed:

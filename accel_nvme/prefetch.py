@@ -213,6 +213,15 @@ class Prefetcher:
         """The groups loaded once and kept, never streamed."""
         return sorted(self._resident)
 
+    def resident_on_device(self) -> list[int]:
+        """The resident groups kept on the execution device only (their host copy freed)."""
+        return sorted(i for i, slot in self._resident.items() if slot.device_data is not None)
+
+    def buffers_in_use(self) -> list[StagingBuffer]:
+        """The staging buffers slots read into or hand out now; every one belongs to ``pool``."""
+        with self._lock:
+            return [slot.buffer for slot in self._slots.values() if slot.buffer is not None]
+
     def _load_resident(self, source: GroupSource, on_device: bool) -> _Slot:
         """Read a resident group once into its own buffer (and, for ``on_device``, keep only its device copy)."""
         slot = _Slot(source, StagingBuffer(source.nbytes, self.device if self._cuda else None))

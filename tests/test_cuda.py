@@ -159,7 +159,7 @@ def test_pipeline_gpu_budget_keeps_the_denoiser_resident_first(dit, offload_dir,
     assert len(transformer.resident) == transformer.groups
     assert 0 < len(vae.resident) < vae.groups
     prefetcher = nvme_hooks(pipe.vae)[0].prefetcher
-    assert all(prefetcher._resident[i].device_data is not None for i in prefetcher.resident)  # on the GPU, not RAM
+    assert prefetcher.resident_on_device() == prefetcher.resident  # on the GPU, not RAM
     for _ in range(2):
         assert np.array_equal(run_dit(pipe), expected_dit())
 

@@ -275,7 +275,8 @@ def test_ramfs_refusing_o_direct_streams_exactly_in_bounded_memory(offload_dir, 
             assert torch.equal(forward(model, IDS), expected)
         grown = psutil.Process().memory_info().rss - rss
         reader = model.embed._hf_hook.prefetcher.reader
-        assert reader._fds and not any(direct for _, direct in reader._fds.values()), "expected the buffered fallback"
+        opened = reader.opened()
+        assert opened and not any(opened.values()), "expected the buffered fallback"
         assert grown < largest, f"RSS grew by {grown} bytes over 6 forwards (largest group {largest})"
     finally:
         remove_hook_from_submodules(model)  # close the files and drop the model: the ramfs fixture unmounts strictly

@@ -31,6 +31,7 @@ def test_reads_the_data_section_exactly(tmp_path, direct_io):
     reader = FileReader(direct_io, io_threads=3, request_bytes=64 << 10)
     buffer = read_all(reader, path, layout)
     assert torch.equal(buffer.tensor[: layout.data_bytes].view(torch.float32), tensor)
+    assert reader.opened() == {path: direct_io != "off"}  # this disk takes O_DIRECT
     reader.close()
     buffer.close()
 
@@ -54,6 +55,7 @@ def test_filesystem_refusing_o_direct_falls_back(ramfs):
     reader = FileReader("auto")
     buffer = read_all(reader, path, layout)
     assert torch.equal(buffer.tensor[: layout.data_bytes].view(torch.float32), tensor)
+    assert reader.opened() == {path: False}
     reader.close()
     strict = FileReader("on")
     with pytest.raises(GroupFileError, match=str(path)):

@@ -139,6 +139,7 @@ def test_a_lease_holds_the_group_until_it_is_released(groups):
     assert lease.staging == prefetcher.pool.pointers
     assert all(t.untyped_storage().data_ptr() in lease.staging for t in lease.tensors.values()), "zero-copy views"
     assert prefetcher.holders() == ["caller"]
+    assert any(buffer.tensor.data_ptr() in lease.staging for buffer in prefetcher.buffers_in_use())
     lease.release()
     lease.release()  # again: harmless
     assert prefetcher.holders() == []
@@ -180,6 +181,7 @@ def test_resident_groups_are_read_once_and_never_streamed(groups):
     sources, contents = groups
     prefetcher = prefetcher_on(sources, resident={1: "host", 3: "host"})
     assert prefetcher.resident == [1, 3]
+    assert prefetcher.resident_on_device() == [], "host-resident groups keep their host copy"
     for _ in range(4):
         for index in range(len(sources)):
             lease = prefetcher.acquire(index)

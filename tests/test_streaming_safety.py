@@ -65,7 +65,7 @@ def assert_nothing_in_use(model):
     hooks = hooks_of(model)
     prefetcher = hooks[0].prefetcher
     assert not prefetcher.holders(), "a group is still marked in use"
-    owned = [slot.buffer for slot in prefetcher._slots.values() if slot.buffer is not None]
+    owned = prefetcher.buffers_in_use()
     pool = prefetcher.pool.buffers
     assert all(any(b is buffer for b in pool) for buffer in owned), "a slot reads into a stray buffer"
     assert len(prefetcher.pool.buffers) == min(prefetcher.depth + 1, len(prefetcher.sources))
