@@ -20,12 +20,25 @@ logger = logging.getLogger(__name__)
 HOST_REGISTER_PORTABLE = 1
 
 
+def _prefer_huge_pages(region: mmap.mmap) -> None:
+    """Ask for transparent huge pages (before the first touch): an O_DIRECT read pins 2 MiB pages instead of 4 KiB ones,
+    and the compute that reads weights in place misses the TLB less. Where the kernel has none, nothing changes."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        region.madvise(advice)
+    except OSError as e:
+        logger.debug("no transparent huge pages for staging buffers: %s", e)
+
+
 class StagingBuffer:
     """A page-aligned host slab, registered once as pinned memory (for every CUDA context) when ``pin`` is a device."""
 
     def __init__(self, nbytes: int, pin: torch.device | None = None):
         self.nbytes = max(ALIGNMENT, nbytes)
         self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        _prefer_huge_pages(self._mmap)
         self.view = memoryview(self._mmap)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False

@@ -72,6 +72,30 @@ def test_a_pool_buffer_holds_at_least_one_page():
     pool.close()
 
 
+def smaps_of(address):
+    """The /proc/self/smaps fields of the mapping that holds ``address``."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside:
+                fields[head.rstrip(":")] = line.split()[1]
+    return fields
+
+
+def test_staging_buffers_ask_for_transparent_huge_pages():
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        mode = f.read()
+    pool = BufferPool(1, 8 << 20)
+    fields = smaps_of(pool.buffers[0].tensor.data_ptr())
+    expected = "0" if "[never]" in mode else "1"  # "madvise" mode: eligible only because the buffer asked
+    assert fields["THPeligible"] == expected, f"THP mode {mode.strip()!r}, smaps {fields}"
+    pool.close()
+
+
 # ----------------------------------------------------------------------------------------------- the recorder
 
 
