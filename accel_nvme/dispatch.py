@@ -120,8 +120,10 @@ def _dispatch_nvme(
         leave_meta_tensors(model, plan.groups)
         own_cpu_tensors(model)
         keep_resident(model, plan.kept, execution_device, index, mapped)
+        tensor_keys = [module_tensor(model, name) for name in plan.tensor_keys]
         model = _accelerate_dispatch(model, plan, main_device, manifest, index, accelerate_kwargs)
         _swap_hooks(plan, prefetcher, manifest, execution_device, accelerate_kwargs["skip_keys"])
+        _put_back(tensor_keys)
     except BaseException:
         if prefetcher is not None:
             prefetcher.close()  # stop the reader threads and unpin the staging buffers
@@ -141,12 +143,7 @@ def _accelerate_dispatch(
     index: dict[str, dict],
     accelerate_kwargs: dict[str, Any],
 ) -> torch.nn.Module:
-    """accelerate's ``dispatch_model`` on the plan's map in its terms, reading nvme tensors from the group files.
-
-    A tensor key sent elsewhere inside an nvme module is put back afterwards: accelerate's hook on that module leaves
-    it on meta.
-    """
-    tensor_keys = [module_tensor(model, name) for name in plan.tensor_keys]
+    """accelerate's ``dispatch_model`` on the plan's map in its terms, reading nvme tensors from the group files."""
     with _quiet_accelerate():
         model = _accelerate_dispatch_model(
             model,
@@ -156,10 +153,15 @@ def _accelerate_dispatch(
             offload_index={**index, **offload_index(manifest)},
             **accelerate_kwargs,
         )
+    return model
+
+
+def _put_back(tensor_keys: list[tuple[torch.nn.Module, str, torch.Tensor | None]]) -> None:
+    """Tensor keys sent elsewhere inside an nvme module, put back once its hook is ours: accelerate's hook on that
+    module left them on meta, and ours would move them to the execution device."""
     for owner, attr, tensor in tensor_keys:
         if tensor is not None and tensor.device.type != "meta":
             (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = tensor
-    return model
 
 
 def _swap_hooks(

@@ -99,6 +99,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self.members = members
         self._streamed: list[_StreamedTensor] = []
         self._lease: Lease | None = None  # the group's tensors while a forward uses them
+        self._acquiring: object | None = None  # the caller between asking for the group and holding its lease
         self._guarded_submodules: list[tuple[torch.nn.Module, Any]] = []  # and the ``forward`` each had before
         self._staging = NOTHING  # the staging buffers the module's tensors view (none: device copies, or clones)
 
@@ -155,8 +156,9 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         grad = torch.is_grad_enabled()
         if grad:
             self._warn_frozen()
-        # An interrupt before the lease is stored leaves ``caller`` holding the group: ``_recover`` gives it back.
+        self._acquiring = caller  # before acquiring: whatever happens next, ``abort`` gives the group back
         self._lease = lease = self.prefetcher.acquire(self.group, caller)
+        self._acquiring = None
         # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. They keep
         # the original ``requires_grad``, which some kernels look at (bits equal to the model in RAM); the copies'
         # gradients are dropped with them, so the model's weights still get no ``.grad``.
@@ -222,6 +224,9 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         """The module's forward raised (or was interrupted): give the group back so the next forward starts clean."""
         if self._lease is not None:
             self._put_back()
+        elif self._acquiring is not None:  # interrupted inside ``acquire``, after it counted the caller as a holder
+            self.prefetcher.release(self.group, self._acquiring)
+        self._acquiring = None
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""

@@ -27,7 +27,7 @@ from .format import (
     parse_json,
     read_layout,
 )
-from .prefetch import spread_resident
+from .residency import spread_resident
 from .store import (
     CLEAN_ADVICE,
     FOLDER_PREFIX,

@@ -90,31 +90,6 @@ class _Slot:
     started: float = field(default_factory=time.perf_counter)
 
 
-def spread_resident(sizes: list[int], budget: int) -> set[int]:
-    """Groups to keep resident within ``budget`` bytes, spread evenly along ``sizes`` (in order of use).
-
-    Each group earns a share of the budget proportional to its size; a group is kept once the credit covers it, so
-    a 50 % budget keeps every other group and the streamed ones are interleaved with compute, not bunched together.
-    Budget left over (uneven sizes) goes to the remaining groups in order.
-    """
-    total = sum(sizes)
-    if budget <= 0 or total == 0:
-        return set()
-    share = min(1.0, budget / total)
-    kept, used, credit = set(), 0, 0.0
-    for index, size in enumerate(sizes):
-        credit += share * size
-        if credit >= size - 1e-9 and used + size <= budget:
-            kept.add(index)
-            used += size
-            credit -= size
-    for index, size in enumerate(sizes):
-        if index not in kept and used + size <= budget:
-            kept.add(index)
-            used += size
-    return kept
-
-
 def _views(source: GroupSource, data: torch.Tensor) -> dict[str, torch.Tensor]:
     """The member tensors of a group, as zero-copy views of the bytes ``data`` holds for it."""
     return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in source.views}
@@ -147,11 +122,14 @@ class Lease:
 
     def release(self) -> None:
         """The holder is done with the tensors: the group's buffer may be refilled once no one else holds it."""
-        self._prefetcher.release(self._index, self._caller)
+        prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:  # once only: a stale lease must not drop a later hold of the same caller
+            prefetcher.release(self._index, self._caller)
 
 
 class Prefetcher:
-    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and leases out tensor views of them.
+    """Reads groups ahead of use into ``depth + 1`` reused staging buffers and leases out their tensors: views of the
+    buffers, or device copies on CUDA.
 
     One per dispatched model; ``forward_lock`` (reentrant) is the model's: its hooks hold it around each forward.
     One condition guards the slots; the schedule, the pool and the stats recorder are called under it.
@@ -274,7 +252,7 @@ class Prefetcher:
                 waited = time.perf_counter()
                 with self._lock:  # not ``Event.wait``: interrupted, its own lock could stay held and stall the reader
                     self._cond.wait_for(slot.done.is_set)
-                self.stats.stall_seconds += time.perf_counter() - waited
+                    self.stats.stall_seconds += time.perf_counter() - waited
             if slot.error is not None:
                 raise slot.error
         except BaseException:

@@ -14,12 +14,37 @@ import psutil
 import torch
 
 from .config import NvmeConfig
-from .prefetch import GroupSource, spread_resident
+from .prefetch import GroupSource
 
 logger = logging.getLogger(__name__)
 
 AUTO_HEADROOM_BYTES = 256 << 20  # activations, outputs and the interpreter's own growth after dispatch
 AUTO_HEADROOM_SHARE = 0.05  # plus this share of the free memory, so other processes keep some room on big machines
+
+
+def spread_resident(sizes: list[int], budget: int) -> set[int]:
+    """Groups to keep resident within ``budget`` bytes, spread evenly along ``sizes`` (in order of use).
+
+    Each group earns a share of the budget proportional to its size; a group is kept once the credit covers it, so
+    a 50 % budget keeps every other group and the streamed ones are interleaved with compute, not bunched together.
+    Budget left over (uneven sizes) goes to the remaining groups in order.
+    """
+    total = sum(sizes)
+    if budget <= 0 or total == 0:
+        return set()
+    share = min(1.0, budget / total)
+    kept, used, credit = set(), 0, 0.0
+    for index, size in enumerate(sizes):
+        credit += share * size
+        if credit >= size - 1e-9 and used + size <= budget:
+            kept.add(index)
+            used += size
+            credit -= size
+    for index, size in enumerate(sizes):
+        if index not in kept and used + size <= budget:
+            kept.add(index)
+            used += size
+    return kept
 
 
 def auto_headroom(free: int, own_files: int = 0) -> int:

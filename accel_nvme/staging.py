@@ -1,8 +1,8 @@
 """Staging buffers: the page-aligned host memory a group's bytes are read into, and the reused pool of them.
 
-A prefetcher owns ``prefetch_depth + 1`` buffers, each as large as its largest group, pinned once for CUDA; a buffer
-is free when no slot owns it, which the pool derives each time from the owners it is shown (so an interrupted start or
-drop never loses one).
+A prefetcher's pool holds ``prefetch_depth + 1`` buffers (fewer for fewer groups), each as large as its largest group,
+pinned once for CUDA; a buffer is free when no slot owns it, which the pool derives each time from the owners it is
+shown (so an interrupted start or drop never loses one). Each group resident in RAM has a buffer of its own besides.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import accel_nvme
-from accel_nvme.io import StagingBuffer
+from accel_nvme.staging import HOST_REGISTER_PORTABLE, StagingBuffer
 
 MODES = ("no_offload", "diffusers_stream", "nvme")
 NO_CUDA_MESSAGE = (
@@ -79,7 +79,6 @@ PAGE = 4096
 READ_THREADS = 4
 READ_REQUEST_BYTES = 4 << 20
 COPY_REPEATS = 10
-HOST_REGISTER_PORTABLE = 1
 STEP_TARGET = 1.05
 RATE_TARGET = 0.80
 GB = 1e9

@@ -171,6 +171,19 @@ def test_a_lease_holds_the_group_until_it_is_released(groups):
     assert prefetcher.pool.buffers == []
 
 
+def test_a_released_lease_cannot_drop_a_later_hold_of_the_same_caller(groups):
+    sources, _ = groups
+    prefetcher = prefetcher_on(sources)
+    stale = prefetcher.acquire(1, "caller")
+    stale.release()
+    current = prefetcher.acquire(1, "caller")
+    stale.release()
+    assert prefetcher.holders() == ["caller"], "a stale lease released the current hold"
+    current.release()
+    assert prefetcher.holders() == []
+    prefetcher.close()
+
+
 def test_several_callers_share_a_group_and_release_it_in_any_order(groups):
     sources, contents = groups
     prefetcher = prefetcher_on(sources)

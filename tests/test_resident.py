@@ -11,7 +11,7 @@ from torch import nn
 import accel_nvme
 from accel_nvme import NvmeConfig
 from accel_nvme.format import align_up
-from accel_nvme.prefetch import spread_resident
+from accel_nvme.residency import spread_resident
 
 WIDTH = 64
 GROUP = align_up((WIDTH * WIDTH + WIDTH) * 4)

@@ -436,6 +436,26 @@ def test_an_interrupt_at_any_line_of_a_forward_leaves_the_model_exact(ours_only,
     assert interrupted >= tries * 3 // 4, f"only {interrupted} of {tries} forwards were interrupted"
 
 
+def test_an_interrupt_inside_acquire_gives_the_group_back_at_once(offload_dir):
+    """Ctrl-C after the prefetcher counted the caller as a holder, before the hook stored its lease."""
+    expected = tiny_lm()(IDS).detach()
+    model = accel_nvme.dispatch_model(tiny_lm(), LAYERS, offload_dir=offload_dir, config=DEPTH1)
+    prefetcher = hooks_of(model)[0].prefetcher
+    top_up = prefetcher._top_up  # runs inside ``acquire`` once the caller holds the group
+
+    def interrupted(index):
+        prefetcher._top_up = top_up
+        raise KeyboardInterrupt("simulated Ctrl-C inside acquire")
+
+    prefetcher._top_up = interrupted
+    with pytest.raises(KeyboardInterrupt, match="inside acquire"), torch.inference_mode():
+        model(IDS)
+    assert prefetcher.holders() == [], "the interrupted caller still holds its group"
+    with torch.inference_mode():
+        assert torch.equal(model(IDS), expected)
+    assert_nothing_in_use(model)
+
+
 SIGNALLED = textwrap.dedent(
     """
     import random, signal, sys, torch
