@@ -7,6 +7,9 @@ import torch
 from conformance_models import decoder_config
 from torch import nn
 
+import accel_nvme
+from accel_nvme import NvmeAlignDevicesHook
+
 IDS_SEED = 1
 
 
@@ -72,6 +75,18 @@ def cached_bytes(path) -> int:
     libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
     assert rc == 0, f"mincore failed with errno {ctypes.get_errno()}"
     return sum(v & 1 for v in vector) * 4096
+
+
+def assert_streamed_block_by_block(model: nn.Module, no_split: set[str], more_than: int) -> None:
+    """``{"": "nvme"}`` gave more than ``more_than`` groups: never the root, none above a ``no_split`` block, and
+    none holding a third of the model."""
+    streamed = [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+    assert accel_nvme.stats(model).groups == len(streamed) > more_than
+    for module in streamed:
+        assert module is not model
+        assert type(module).__name__ in no_split or not any(type(m).__name__ in no_split for m in module.modules())
+    sizes = [s.nbytes for s in streamed[0]._hf_hook.prefetcher.sources]
+    assert max(sizes) < sum(sizes) / 3, "no group holds the model"
 
 
 def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 4, **overrides):

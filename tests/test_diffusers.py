@@ -13,7 +13,7 @@ from diffusers import (  # noqa: E402
     FluxTransformer2DModel,
     WanTransformer3DModel,
 )
-from helpers import tiny_ddpm_pipeline  # noqa: E402
+from helpers import assert_streamed_block_by_block, tiny_ddpm_pipeline  # noqa: E402
 
 import accel_nvme  # noqa: E402
 from accel_nvme import NvmeAlignDevicesHook  # noqa: E402
@@ -211,14 +211,7 @@ def test_whole_model_map_streams_block_by_block(tmp_path, offload_dir, name):
     model = build()
     model.save_pretrained(tmp_path / name)
     loaded = type(model).from_pretrained(tmp_path / name, device_map={"": "nvme"}, offload_folder=offload_dir)
-    no_split = set(model._no_split_modules)
-    streamed = [m for m in loaded.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
-    assert accel_nvme.stats(loaded).groups == len(streamed) > 3
-    for module in streamed:
-        assert module is not loaded
-        assert type(module).__name__ in no_split or not any(type(m).__name__ in no_split for m in module.modules())
-    sizes = [s.nbytes for s in streamed[0]._hf_hook.prefetcher.sources]
-    assert max(sizes) < sum(sizes) / 3, "no group holds the model"
+    assert_streamed_block_by_block(loaded, set(model._no_split_modules), more_than=3)
     assert_resident_tensors_owned(loaded)
     assert torch.equal(sample(loaded, inputs), sample(model, inputs))
 

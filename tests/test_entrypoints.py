@@ -9,7 +9,7 @@ from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoin
 from accelerate.utils import compute_module_sizes
 from conformance_models import bart, t5
 from conformance_models import clip as conformance_clip
-from helpers import tiny_llama
+from helpers import assert_streamed_block_by_block, tiny_llama
 from safetensors.torch import load_file
 from transformers import BartForConditionalGeneration, CLIPModel, LlamaForCausalLM, T5ForConditionalGeneration
 
@@ -194,14 +194,7 @@ def test_load_checkpoint_in_model_without_a_folder_is_a_clear_error(saved, monke
 def test_whole_model_map_streams_block_by_block(saved, offload_dir, name):
     expected = saved[name][2]
     model = accel_nvme.dispatch_model(BUILDERS[name](), {"": "nvme"}, offload_dir=offload_dir)
-    no_split = set(model._no_split_modules)
-    streamed = [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
-    assert accel_nvme.stats(model).groups == len(streamed) > 4
-    for module in streamed:
-        assert module is not model
-        assert type(module).__name__ in no_split or not any(type(m).__name__ in no_split for m in module.modules())
-    sizes = [s.nbytes for s in streamed[0]._hf_hook.prefetcher.sources]
-    assert max(sizes) < sum(sizes) / 3, "no group holds the model"
+    assert_streamed_block_by_block(model, set(model._no_split_modules), more_than=4)
     assert torch.equal(run(model), expected)
 
 
