@@ -36,7 +36,9 @@ class NvmeConfig:
     ``resident_budget`` (host RAM) and ``device_resident_budget`` (CUDA memory) keep that many bytes of groups
     loaded once instead of streamed ("auto": the memory available at dispatch less the staging buffers and a
     headroom, see ``residency``);
-    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error.
+    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error;
+    ``expert_cache_bytes``: host RAM kept for the fused MoE experts read last (an LRU over experts of all layers, see
+    ``docs/moe.md``; 0: every routed expert is read again).
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -49,6 +51,7 @@ class NvmeConfig:
     resident_budget: int | str = 0
     device_resident_budget: int | str = 0
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    expert_cache_bytes: int | str = 256 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
@@ -67,6 +70,10 @@ class NvmeConfig:
             raise ValueError(f"NvmeConfig.lock_timeout must be a number of seconds > 0, got {self.lock_timeout!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
+        cache = parse_size(self.expert_cache_bytes)
+        if cache < 0:
+            raise ValueError(f"NvmeConfig.expert_cache_bytes must be a size >= 0, got {self.expert_cache_bytes!r}")
+        object.__setattr__(self, "expert_cache_bytes", cache)
         for name in ("resident_budget", "device_resident_budget"):
             value = getattr(self, name)
             if value != "auto":
@@ -96,7 +103,7 @@ def parse_size(text: str | int) -> int:
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """A config value of the field's type, from a YAML value or an environment string."""
     try:
-        if name in ("io_request_bytes", "group_bytes"):
+        if name in ("io_request_bytes", "group_bytes", "expert_cache_bytes"):
             return parse_size(value)
         if name in ("resident_budget", "device_resident_budget"):
             return "auto" if str(value).strip().lower() == "auto" else parse_size(value)

@@ -24,6 +24,7 @@ from accelerate.hooks import AlignDevicesHook, remove_hook_from_module, remove_h
 from . import devicemap
 from .config import NvmeConfig, load_config
 from .devicemap import NVME
+from .experts import ExpertsHook, stream_experts
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader
 from .loading import PENDING_ATTR, current_loading, offloaded_weights
@@ -108,10 +109,13 @@ def _dispatch_nvme(
 ) -> torch.nn.Module:
     """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
     offload_buffers = accelerate_kwargs["offload_buffers"]
-    plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes)
-    manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
     execution_device = devicemap.execution_device(main_device)
-    sources = read_sources(manifest, config.verify_on_read)
+    per_expert = execution_device.type == "cpu"  # on CUDA, fused experts stream whole, in their block's group
+    plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes, per_expert)
+    manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
+    streamed = [group.index for group in manifest.groups if not group.row_digests]  # experts groups are not streamed
+    every_source = read_sources(manifest, config.verify_on_read)
+    sources = [every_source[i] for i in streamed]
     reader = prefetcher = None
     try:
         reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
@@ -122,7 +126,8 @@ def _dispatch_nvme(
         keep_resident(model, plan.kept, execution_device, index, mapped)
         tensor_keys = [module_tensor(model, name) for name in plan.tensor_keys]
         model = _accelerate_dispatch(model, plan, main_device, manifest, index, accelerate_kwargs)
-        _swap_hooks(plan, prefetcher, manifest, execution_device, accelerate_kwargs["skip_keys"])
+        _swap_hooks(plan, prefetcher, manifest, execution_device, accelerate_kwargs["skip_keys"], streamed)
+        stream_experts(plan, manifest, prefetcher, config.expert_cache_bytes, config.verify_on_read)
         _put_back(tensor_keys)
     except BaseException:
         if prefetcher is not None:
@@ -170,14 +175,19 @@ def _swap_hooks(
     manifest: Manifest,
     execution_device: torch.device,
     skip_keys: str | list[str] | None,
+    streamed: list[int],
 ) -> None:
-    """Replace the hooks accelerate put on each planned entry by one ``NvmeAlignDevicesHook`` on its group."""
+    """Replace the hooks accelerate put on each planned entry by one ``NvmeAlignDevicesHook`` on its group (experts
+    entries get theirs from ``stream_experts``); ``streamed``: the manifest index of each group the prefetcher reads."""
+    position = {group: i for i, group in enumerate(streamed)}
     for (name, module), entry_plan, group in zip(plan.entries, plan.entry_plans, plan.group_of_entry, strict=True):
         prefix = f"{name}." if name else ""
         _remove_accelerate_hooks(module)
+        if name in plan.experts:
+            continue
         hook = NvmeAlignDevicesHook(
             prefetcher,
-            group,
+            position[group],
             name,
             execution_device,
             StoredWeights(manifest, prefix),
@@ -220,7 +230,7 @@ def _quiet_accelerate() -> Iterator[None]:
 
 def _nvme_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that carry an nvme hook."""
-    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook | ExpertsHook)]
 
 
 def _prefetcher(model: torch.nn.Module) -> Prefetcher:
