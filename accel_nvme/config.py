@@ -37,8 +37,9 @@ class NvmeConfig:
     loaded once instead of streamed ("auto": the memory available at dispatch less the staging buffers and a
     headroom, see ``residency``);
     ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error;
-    ``expert_cache_bytes``: host RAM kept for the fused MoE experts read last (an LRU over experts of all layers, see
-    ``docs/moe.md``; 0: every routed expert is read again).
+    ``expert_streaming``: fused MoE experts modules read only the experts each forward is routed to (CPU execution;
+    False: they stream whole, with their block); ``expert_cache_bytes``: host RAM kept for the experts read last (an
+    LRU over the experts of all layers; 0: every routed expert is read again). See ``docs/moe.md``.
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -51,6 +52,7 @@ class NvmeConfig:
     resident_budget: int | str = 0
     device_resident_budget: int | str = 0
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    expert_streaming: bool = True
     expert_cache_bytes: int | str = 256 << 20
 
     def __post_init__(self) -> None:
@@ -70,6 +72,8 @@ class NvmeConfig:
             raise ValueError(f"NvmeConfig.lock_timeout must be a number of seconds > 0, got {self.lock_timeout!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
+        if not isinstance(self.expert_streaming, bool):
+            raise ValueError(f"NvmeConfig.expert_streaming must be True or False, got {self.expert_streaming!r}")
         cache = parse_size(self.expert_cache_bytes)
         if cache < 0:
             raise ValueError(f"NvmeConfig.expert_cache_bytes must be a size >= 0, got {self.expert_cache_bytes!r}")
@@ -111,7 +115,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return int(value)
         if name == "lock_timeout":
             return float(value)
-        if name == "verify_on_read":
+        if name in ("verify_on_read", "expert_streaming"):
             if isinstance(value, bool):
                 return value
             if str(value).strip().lower() in {"1", "true", "yes", "on"}:

@@ -110,7 +110,7 @@ def _dispatch_nvme(
     """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
     offload_buffers = accelerate_kwargs["offload_buffers"]
     execution_device = devicemap.execution_device(main_device)
-    per_expert = execution_device.type == "cpu"  # on CUDA, fused experts stream whole, in their block's group
+    per_expert = config.expert_streaming and execution_device.type == "cpu"  # else experts stream with their block
     plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes, per_expert)
     manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
     streamed = [group.index for group in manifest.groups if not group.row_digests]  # experts groups are not streamed
@@ -242,8 +242,9 @@ def _prefetcher(model: torch.nn.Module) -> Prefetcher:
 
 
 def group_files(model: torch.nn.Module) -> list[Path]:
-    """The group files ``model``'s nvme modules stream from, in group order."""
-    return [source.segments[0].path for source in _prefetcher(model).sources]
+    """The group files ``model``'s nvme modules stream from, in group order; then those of its fused MoE experts."""
+    experts = [m._hf_hook.group.path for m in _nvme_modules(model) if isinstance(m._hf_hook, ExpertsHook)]
+    return [*(source.segments[0].path for source in _prefetcher(model).sources), *experts]
 
 
 def close(model: torch.nn.Module, load_back: bool = True) -> None:
@@ -270,6 +271,5 @@ def stats(model: torch.nn.Module) -> NvmeStats:
     total.read_seconds = prefetcher.reader.busy_seconds
     total.seconds = sum(f.seconds for f in forwards)
     resident = [prefetcher.sources[i] for i in prefetcher.resident]
-    return NvmeStats(
-        len(prefetcher.sources), [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total
-    )
+    groups = len(prefetcher.sources) + sum(isinstance(m._hf_hook, ExpertsHook) for m in _nvme_modules(model))
+    return NvmeStats(groups, [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total)

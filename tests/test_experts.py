@@ -281,3 +281,33 @@ def test_close_loads_the_experts_back(checkpoints, offload_dir):
     assert not experts_hooks(model)
     assert not any(isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook) for m in model.modules())
     assert torch.equal(generate(model), tokens)
+
+
+def test_without_expert_streaming_the_experts_stream_with_their_block(checkpoints, offload_dir):
+    path, tokens, _, _ = checkpoints["qwen3_moe"]
+    model = load(path, offload_dir, expert_streaming=False)
+    assert not experts_hooks(model)
+    assert torch.equal(generate(model), tokens)
+    forwards = accel_nvme.stats(model).forwards
+    assert all(f.expert_bytes_read == 0 and f.expert_cache_hit_rate == 0.0 for f in forwards)
+
+
+def test_save_pretrained_round_trips(checkpoints, offload_dir, tmp_path):
+    path, _, _, reference = checkpoints["deepseek_v3"]
+    load(path, offload_dir).save_pretrained(tmp_path / "again")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+def test_settings(monkeypatch):
+    assert NvmeConfig(expert_cache_bytes="1GiB").expert_cache_bytes == 1 << 30
+    assert NvmeConfig().expert_streaming is True
+    with pytest.raises(ValueError, match="expert_cache_bytes must be a size >= 0"):
+        NvmeConfig(expert_cache_bytes=-1)
+    with pytest.raises(ValueError, match="expert_streaming must be True or False"):
+        NvmeConfig(expert_streaming="no")
+    monkeypatch.setenv("ACCEL_NVME_EXPERT_STREAMING", "off")
+    monkeypatch.setenv("ACCEL_NVME_EXPERT_CACHE_BYTES", "64MiB")
+    config = accel_nvme.config.load_config()
+    assert (config.expert_streaming, config.expert_cache_bytes) == (False, 64 << 20)
