@@ -189,12 +189,6 @@ class ExpertsHook(ModelHook):
     def __repr__(self) -> str:
         return f"ExpertsHook(group={self.group.name!r}, experts={self.num_experts})"
 
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return other is self
-
     def init_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Leave meta tensors in the module; the routing argument is found by ``forward``'s signature."""
         self.prefetcher.attach()
@@ -216,10 +210,10 @@ class ExpertsHook(ModelHook):
         wanted = range(self.num_experts) if len(routed) > FULL_READ_SHARE * self.num_experts else routed
         missing = [e for e in wanted if not self.cache.holds(self, e)]
         hits = sum(1 for e in routed if self.cache.holds(self, e))
+        self._used = list(wanted)
         nbytes = self._read(missing)
         self.last_read = missing
         self.prefetcher.record_experts(nbytes, hits, len(routed) - hits)
-        self._used = list(wanted)
         grad = torch.is_grad_enabled()
         for t in self.tensors:
             end = t.start + t.shape[0] * t.row_bytes
@@ -237,8 +231,15 @@ class ExpertsHook(ModelHook):
         return output
 
     def put_back(self, module: torch.nn.Module) -> None:
-        """The module holds meta tensors again (also after a forward that raised)."""
+        """The module holds meta tensors again."""
         module._parameters.update(self._meta)
+
+    def abort(self, module: torch.nn.Module) -> None:
+        """The forward raised: meta tensors back, and the rows it read that the cache does not hold are forgotten."""
+        self.put_back(module)
+        for expert in self._used:
+            if not self.cache.holds(self, expert):
+                self.forget(expert)
 
     def forget(self, expert: int) -> None:
         """Give back the RAM of ``expert``'s rows; they read as zeros until read again."""
@@ -301,7 +302,7 @@ def _runs(experts: list[int]) -> list[tuple[int, int]]:
 
 
 def attach_experts_hook(module: torch.nn.Module, hook: ExpertsHook) -> None:
-    """``add_hook_to_module``; a forward that raises puts the module's meta tensors back."""
+    """``add_hook_to_module``; a forward that raises puts the module's meta tensors back (``ExpertsHook.abort``)."""
     add_hook_to_module(module, hook)
     forward = module.forward
 
@@ -310,7 +311,7 @@ def attach_experts_hook(module: torch.nn.Module, hook: ExpertsHook) -> None:
         try:
             return forward(*args, **kwargs)
         except BaseException:
-            hook.put_back(module)
+            hook.abort(module)
             raise
 
     module.forward = forward_or_put_back
