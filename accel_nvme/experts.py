@@ -110,7 +110,8 @@ class ExpertBuffer:
 
     def __init__(self, nbytes: int):
         self.nbytes = max(ALIGNMENT, align_up(nbytes))
-        self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)  # mostly never touched
+        self._mmap = mmap.mmap(-1, self.nbytes, flags=flags)
         self.view = memoryview(self._mmap)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
 

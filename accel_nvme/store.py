@@ -557,7 +557,7 @@ def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[s
     if not isinstance(rows, dict) or any(
         name not in shapes
         or not isinstance(d, list)
-        or len(d) != shapes[name][0]
+        or shapes[name][:1] != (len(d),)
         or not all(isinstance(x, str) for x in d)
         for name, d in rows.items()
     ):

@@ -11,6 +11,7 @@ import accel_nvme
 from accel_nvme import NvmeAlignDevicesHook, NvmeConfig
 from accel_nvme.experts import ExpertsHook, is_fused_experts
 from accel_nvme.format import ALIGNMENT, GroupFileError
+from accel_nvme.store import StoreError, load_manifest, manifest_digest
 
 TINY = dict(
     vocab_size=128,
@@ -324,3 +325,24 @@ def test_a_forward_with_grad_enabled_equals_the_model_in_ram(checkpoints, offloa
     streamed = model(inputs_embeds=embeds).logits
     (grad,) = torch.autograd.grad(streamed.sum(), embeds)
     assert torch.equal(streamed, expected) and torch.equal(grad, expected_grad)
+
+
+def test_dispatch_model_reuses_the_folder_and_its_manifest_rows_are_checked(checkpoints, offload_dir):
+    reference = checkpoints["olmoe"][3]
+    with torch.inference_mode():
+        expected = reference(IDS).logits
+    model = accel_nvme.dispatch_model(build("olmoe"), {"": "nvme"}, offload_dir=offload_dir)
+    with torch.inference_mode():
+        assert torch.equal(model(IDS).logits, expected)
+    assert len(experts_hooks(model)) == 2
+    (folder,) = offload_dir.glob("accel-nvme-*")
+    again = accel_nvme.dispatch_model(build("olmoe"), {"": "nvme"}, offload_dir=offload_dir)
+    assert [p.name for p in offload_dir.glob("accel-nvme-*")] == [folder.name]
+    assert accel_nvme.group_files(again) == accel_nvme.group_files(model)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = next(g["rows"] for g in manifest["groups"] if "rows" in g)
+    rows[next(iter(rows))].pop()
+    manifest["digest"] = manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="rows must give one digest per expert"):
+        load_manifest(folder)
