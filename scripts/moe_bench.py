@@ -3,10 +3,11 @@
 Builds a ``Qwen3MoeForCausalLM`` with random weights (default: 64 experts, top-4, 2 layers, ~200 MB in fp32), saves
 it, and runs greedy generation in a fresh process per mode, each with the page cache of the files it reads dropped:
 ``experts`` (nvme, per-expert reads and the default expert cache), ``experts-nocache`` (``expert_cache_bytes=0``),
-``blocks`` (nvme, ``expert_streaming=False``: experts stream whole with their block) and ``disk`` (transformers' own
-disk offload). Prints per mode: decode tokens/s, bytes read per decode token (nvme modes) and whether the tokens equal
-those of the model in RAM; and the bound: bytes a token needs (dense part + k routed experts per layer) over the raw
-O_DIRECT read rate of the group files. Run from the repository root: ``python scripts/moe_bench.py [--layers 4]``.
+``blocks`` (nvme, ``expert_streaming=False``: experts stream whole with their block), ``disk`` (transformers' own
+disk offload) and ``ram`` (no offload: the compute floor). Prints per mode: decode tokens/s, bytes read per decode
+token (nvme modes) and whether the tokens equal those of the model in RAM; and the bound: bytes a token needs (dense
+part + k routed experts per layer) over the raw O_DIRECT read rate of the group files. Run from the repository root:
+``OMP_NUM_THREADS=1 python scripts/moe_bench.py [--layers 10]`` (one compute thread: steadier on a shared machine).
 """
 
 import argparse
@@ -22,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-MODES = ("experts", "experts-nocache", "blocks", "disk")
+MODES = ("experts", "experts-nocache", "blocks", "disk", "ram")
 
 
 class Clock(BaseStreamer):
@@ -78,12 +79,15 @@ def worker(args) -> None:
     root = Path(args.root)
     folder = root / f"offload-{args.mode}"
     options = {"device_map": "auto", "max_memory": {"cpu": "1MB"}, "offload_folder": str(folder)}
-    if args.mode != "disk":
+    if args.mode == "ram":
+        options = {}
+    elif args.mode != "disk":
         options["offload_backend"] = "nvme"
         options["nvme_expert_streaming"] = args.mode != "blocks"
         options["nvme_expert_cache_bytes"] = 0 if args.mode == "experts-nocache" else args.cache
     model = AutoModelForCausalLM.from_pretrained(root / "checkpoint", **options)
-    drop_cache(folder)
+    if folder.exists():
+        drop_cache(folder)
     clock = Clock()
     ids = prompt(args)
     with torch.inference_mode():
@@ -96,7 +100,7 @@ def worker(args) -> None:
         "tokens_per_s": (len(decode)) / (decode[-1] - clock.times[1]),
         "equal": torch.equal(tokens, torch.load(root / "tokens.pt")),
     }
-    if args.mode != "disk":
+    if args.mode not in ("disk", "ram"):
         forwards = accel_nvme.stats(model).forwards[1:]
         row["bytes_per_token"] = sum(f.bytes_read for f in forwards) / len(forwards)
         row["expert_bytes_per_token"] = sum(f.expert_bytes_read for f in forwards) / len(forwards)
