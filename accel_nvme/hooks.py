@@ -229,7 +229,8 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self._acquiring = None
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
+        """Load the stored tensors back where the module computes (as accelerate does on removal, which loads them into
+        RAM; a module computing on a GPU would then fail its next forward) and let the prefetcher close."""
         if self._lease is not None:
             self._put_back()
         for submodule, forward in self._guarded_submodules:
@@ -239,14 +240,15 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                 submodule.forward = forward
         self._guarded_submodules.clear()
         for local in self.members:
-            set_module_tensor_to_device(module, local, "cpu", value=self.weights_map[local])
+            device = "cpu" if self.execution_device is None else self.execution_device
+            set_module_tensor_to_device(module, local, device, value=self.weights_map[local])
         self.prefetcher.detach()
         return module
 
 
 def _views_staging(tensor: torch.Tensor, staging: frozenset[int]) -> bool:
     return (
-        tensor.device.type == "cpu"
+        tensor.device.type != "meta"  # host staging buffers, or the device buffers of the CUDA ring
         and tensor.layout == torch.strided
         and tensor.untyped_storage().data_ptr() in staging
     )
