@@ -138,7 +138,8 @@ class Prefetcher:
     buffers, or device copies on CUDA.
 
     One per dispatched model; ``forward_lock`` (reentrant) is the model's: its hooks hold it around each forward.
-    One condition guards the slots; the schedule, the pool and the stats recorder are called under it.
+    One condition guards the slots; the schedule, the pool and the stats recorder are called under it. ``runtime``:
+    the CUDA calls of the device path (by default the real ones, for a CUDA device; tests give a fake on the CPU).
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class Prefetcher:
         reader: FileReader,
         depth: int = 2,
         resident: dict[int, str] | None = None,
+        runtime: CudaRuntime | None = None,
     ):
         self.sources = sources
         self.device = device
@@ -158,10 +160,12 @@ class Prefetcher:
         self._schedule = SuccessorSchedule(len(sources))
         self._slots: dict[int, _Slot] = {}
         self._max_slots = depth + 1
-        self._cuda = device.type == "cuda"
-        self._side_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._runtime = runtime or (CudaRuntime() if device.type == "cuda" else None)
+        self._cuda = self._runtime is not None  # the device path: side stream, device ring (faked on the CPU in tests)
+        self._pin = device if device.type == "cuda" else None
+        self._side_stream = self._runtime.stream(device) if self._cuda else None
         largest = max((s.nbytes for s in sources), default=0)
-        self.pool = BufferPool(min(self._max_slots, max(1, len(sources))), largest, device if self._cuda else None)
+        self.pool = BufferPool(min(self._max_slots, max(1, len(sources))), largest, self._pin)
         self._staging = frozenset() if self._cuda else self.pool.pointers  # what a lease's tensors may view
         self._lock = threading.RLock()  # entered with C-level ``with`` only: an interrupt cannot leave it held
         self._cond = threading.Condition(self._lock)
@@ -172,7 +176,6 @@ class Prefetcher:
         self._resident: dict[int, _Slot] = {}
         self._kept: set[int] = set()  # groups served without a slot: resident on the CPU, or kept on the device
         self._layouts = [device_layout([(v.offset, v.nbytes) for v in s.views]) for s in sources] if self._cuda else []
-        self._runtime = CudaRuntime() if self._cuda else None
         self._meter = StallMeter()
         self._ring: DeviceRing | None = None
         self._copying: dict[int, _Slot] = {}  # CUDA: slots whose staging buffer a queued copy still reads
@@ -224,12 +227,12 @@ class Prefetcher:
     def _load_resident(self, index: int, on_device: bool) -> _Slot:
         """Read a resident group once into its own buffer (and, for ``on_device``, keep only its device copy)."""
         source = self.sources[index]
-        slot = _Slot(source, StagingBuffer(source.nbytes, self.device if self._cuda else None))
+        slot = _Slot(source, StagingBuffer(source.nbytes, self._pin))
         for future in self.reader.submit(list(source.segments), slot.buffer):
             future.result()
         self._verify(slot)
         if on_device:
-            slot.device_data = copy_whole(slot.buffer.tensor, self._layouts[index], self.device)
+            slot.device_data = copy_whole(slot.buffer.tensor, self._layouts[index], self.device, self._runtime)
             slot.buffer.close()
             slot.buffer = None
         slot.done.set()
@@ -502,7 +505,7 @@ class Prefetcher:
             self._scheduler.join()
         self.reader.close()
         if self._cuda and self._forked_from is None:  # no copy may still read a buffer unmapped below
-            torch.cuda.synchronize(self.device)
+            self._runtime.synchronize(self.device)
         if self._ring is not None:
             self._ring.close()
         self.pool.close()

@@ -64,12 +64,28 @@ def device_layout(extents: Sequence[tuple[int, int]], alignment: int = DEVICE_AL
     return DeviceLayout(tuple(offsets), tuple(Run(*run) for run in runs), total)
 
 
+def aligned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` uninitialised bytes on ``device`` starting at a multiple of ``DEVICE_ALIGNMENT`` (the caching
+    allocator's blocks are; other allocators are not asked to be)."""
+    data = torch.empty(nbytes + DEVICE_ALIGNMENT, dtype=torch.uint8, device=device)
+    skip = -data.data_ptr() % DEVICE_ALIGNMENT
+    return data[skip : skip + nbytes]
+
+
 class CudaRuntime:
     """The CUDA calls of the transfer: events, the current stream, running on a stream (a fake stands in on the CPU)."""
 
     def event(self) -> torch.cuda.Event:
         """A new event that can time."""
         return torch.cuda.Event(enable_timing=True)
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        """A new (side) stream on ``device``."""
+        return torch.cuda.Stream(device)
+
+    def synchronize(self, device: torch.device) -> None:
+        """Wait for all work queued on ``device``."""
+        torch.cuda.synchronize(device)
 
     def current_stream(self, device: torch.device) -> torch.cuda.Stream:
         """The compute stream: the current stream of ``device``."""
@@ -111,9 +127,9 @@ class DeviceRing:
     def __init__(self, count: int, nbytes: int, device: torch.device, runtime: CudaRuntime | None = None):
         self.device = device
         self.runtime = runtime or CudaRuntime()
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+        self.buffers = [aligned_empty(nbytes, device) for _ in range(count)]
         self._consumed: list[torch.cuda.Event | None] = [None] * count
-        self.pointers = frozenset(b.data_ptr() for b in self.buffers)
+        self.pointers = frozenset(b.untyped_storage().data_ptr() for b in self.buffers)
 
     @property
     def nbytes(self) -> int:
@@ -166,12 +182,12 @@ def copy_runs(data: torch.Tensor, host: torch.Tensor, layout: DeviceLayout) -> N
         )
 
 
-def copy_whole(host: torch.Tensor, layout: DeviceLayout, device: torch.device) -> torch.Tensor:
+def copy_whole(host: torch.Tensor, layout: DeviceLayout, device: torch.device, runtime: CudaRuntime) -> torch.Tensor:
     """A new device buffer holding ``host`` per ``layout``, copied before this returns (for groups kept on the GPU)."""
-    with torch.cuda.device(device):
-        data = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+    with runtime.using(device, None):
+        data = aligned_empty(layout.nbytes, device)
         copy_runs(data, host, layout)
-        torch.cuda.current_stream(device).synchronize()
+        runtime.current_stream(device).synchronize()
     return data
 
 

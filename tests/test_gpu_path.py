@@ -18,6 +18,8 @@ from helpers import tiny_lm
 import accel_nvme
 from accel_nvme import NvmeConfig, staging
 from accel_nvme.integrations.pipelines import _resolved, _same_device
+from accel_nvme.io import FileReader
+from accel_nvme.prefetch import Prefetcher
 from accel_nvme.transfer import DEVICE_ALIGNMENT, DeviceRing, StallMeter, copy_runs, device_layout
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -177,6 +179,9 @@ class FakeEvent:
     def query(self):
         return self.done
 
+    def synchronize(self):
+        pass
+
     def elapsed_time(self, other):
         return (other.at - self.at) * 1e3
 
@@ -188,6 +193,9 @@ class FakeStream:
     def wait_event(self, event):
         self.log.append(("wait", event))
 
+    def synchronize(self):
+        pass
+
 
 class FakeRuntime:
     """Streams and events of the CUDA runtime, as records; ``clock[0]`` is the time events are recorded at."""
@@ -195,6 +203,15 @@ class FakeRuntime:
     def __init__(self):
         self.clock = [0.0]
         self.compute = FakeStream()
+        self.side: list[FakeStream] = []
+        self.synchronized = 0
+
+    def stream(self, device):
+        self.side.append(FakeStream())
+        return self.side[-1]
+
+    def synchronize(self, device):
+        self.synchronized += 1
 
     def event(self):
         return FakeEvent(self.clock)
@@ -253,7 +270,7 @@ def test_the_ring_refills_a_buffer_only_after_compute_consumed_it():
     host = torch.arange(256, dtype=torch.uint8)
     data, copied = ring.fill(0, host, layout, side)
     assert side.log == [("record", copied)], "a buffer never used needs no wait"
-    assert data.data_ptr() in ring.pointers
+    assert data.untyped_storage().data_ptr() in ring.pointers and data.data_ptr() % DEVICE_ALIGNMENT == 0
     assert torch.equal(data[512:562], host[128:178])
     ring.consumed(0)
     consumed = runtime.compute.log[-1][1]
@@ -286,6 +303,46 @@ def test_the_stall_meter_counts_gpu_idle_time_once_events_complete():
     assert meter.collect() == 0.0
     late.done, late.at = True, late.at + 0.25
     assert meter.collect() == pytest.approx(0.25)
+
+
+def test_the_device_path_streams_resident_and_kept_groups_through_a_bounded_ring(sources):
+    """The prefetcher's CUDA path with a fake runtime (device memory is CPU memory, copies are synchronous)."""
+    runtime = FakeRuntime()
+    resident = {1: "host", 3: "device"}
+    device_path = Prefetcher(sources, torch.device("cpu"), FileReader(), depth=1, resident=resident, runtime=runtime)
+    in_ram = Prefetcher(sources, torch.device("cpu"), FileReader(), depth=1)
+    streamed = [i for i in range(len(sources)) if i != 3]
+    layouts = [device_layout([(v.offset, v.nbytes) for v in sources[i].views]) for i in streamed]
+    assert device_path.device_buffer_bytes() == 2 * max(layout.nbytes for layout in layouts)
+    assert device_path.resident == [1, 3] and device_path.resident_on_device() == [3]
+    ring: set[int] = set()
+    try:
+        for _ in range(3):
+            for index in range(len(sources)):
+                lease, expected = device_path.acquire(index), in_ram.acquire(index)
+                assert lease.on_device == (index == 3)
+                for name, tensor in lease.tensors.items():
+                    assert torch.equal(tensor, expected.tensors[name]), (index, name)
+                    assert tensor.data_ptr() % DEVICE_ALIGNMENT == 0, (index, name)
+                    if index != 3:
+                        assert tensor.untyped_storage().data_ptr() in lease.staging  # a ring buffer: the hooks copy out
+                        ring.add(tensor.untyped_storage().data_ptr())
+                lease.release()
+                expected.release()
+        assert len(ring) == 2, "depth 1: two device buffers, used in turn"
+        (side,) = runtime.side
+        waits = [event for kind, event in side.log if kind == "wait"]
+        consumed = [event for kind, event in runtime.compute.log if kind == "record"]
+        assert waits and set(map(id, waits)) <= set(map(id, consumed)), "refills wait on compute's consumed events"
+        compute_waits = [event for kind, event in runtime.compute.log if kind == "wait"]
+        copies = [event for kind, event in side.log if kind == "record"]
+        assert len(compute_waits) >= 3 * len(streamed) and set(map(id, compute_waits)) <= set(map(id, copies))
+        reads = 3 * (len(sources) - 2)  # groups 1 and 3 are never read again (RAM, device)
+        assert reads <= device_path.stats.groups_read <= reads + 1  # + the one read ahead for a next forward
+    finally:
+        device_path.close()
+        in_ram.close()
+    assert runtime.synchronized == 1 and device_path.device_buffer_bytes() == 0
 
 
 # ---------------------------------------------------------------- placement on cuda:1, close after a forward
