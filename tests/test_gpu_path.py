@@ -54,6 +54,13 @@ def test_every_name_the_gpu_check_patches_exists():
         check.resolve("accel_nvme.prefetch.Prefetcher._resident_views")  # the stale name of issue 20
 
 
+def test_the_gpu_check_runs_every_test_file_that_holds_cuda_tests():
+    check = load_gpu_check()
+    root = GPU_CHECK.parent.parent
+    marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
+    assert marked == set(check.CUDA_TEST_FILES)
+
+
 def test_the_gpu_check_patches_and_puts_back_what_it_slows():
     check = load_gpu_check()
     import accel_nvme.prefetch as prefetch
