@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def test_every_name_the_gpu_check_patches_exists():
 def test_the_gpu_check_runs_every_test_file_that_holds_cuda_tests():
     check = load_gpu_check()
     root = GPU_CHECK.parent.parent
-    marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
+    marks = re.compile(r"pytest\.mark\.cuda\b")
+    marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if marks.search(p.read_text())}
     assert marked == set(check.CUDA_TEST_FILES)
 
 
