@@ -32,6 +32,7 @@ PINNED_SHARE = 0.5  # at most this share of the machine's RAM is pinned by stagi
 
 _pinned_lock = threading.Lock()
 _pinned_bytes = 0
+_cap_warned = False  # the cap is said once per process; each failed registration is said every time
 _PINNED: weakref.WeakSet[StagingBuffer] = weakref.WeakSet()
 
 
@@ -115,13 +116,16 @@ class StagingBuffer:
 
     def _pin(self, device: torch.device) -> None:
         if not _claim(self.nbytes):
-            logger.warning(
-                "staging buffer of %d bytes left pageable: pinning it would take staging buffers past %d bytes "
-                "(%.0f%% of RAM); host-to-device copies from it are slower, results are the same",
+            global _cap_warned
+            logger.log(
+                logging.DEBUG if _cap_warned else logging.WARNING,
+                "staging buffer of %d bytes left pageable (and any more past the cap): pinning it would take staging "
+                "buffers past %d bytes (%.0f%% of RAM); host-to-device copies from it are slower, results the same",
                 self.nbytes,
                 pinned_cap(),
                 PINNED_SHARE * 100,
             )
+            _cap_warned = True
             return
         pointer = self.tensor.data_ptr()
         try:

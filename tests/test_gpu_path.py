@@ -119,12 +119,17 @@ def test_a_failing_cuda_host_register_falls_back_to_pageable_with_a_warning(fake
 def test_pinned_bytes_are_capped(fake_cudart, monkeypatch, caplog):
     cap = staging.pinned_bytes() + (3 << 20)
     monkeypatch.setattr(staging, "pinned_cap", lambda: cap)
+    monkeypatch.setattr(staging, "_cap_warned", False)
     with caplog.at_level(logging.WARNING, logger="accel_nvme.staging"):
         first = staging.StagingBuffer(2 << 20, CUDA0)
         second = staging.StagingBuffer(2 << 20, CUDA0)
     assert first.pinned and not second.pinned
     assert len(fake_cudart["register"]) == 1
     assert "left pageable" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="accel_nvme.staging"):
+        staging.StagingBuffer(2 << 20, CUDA0).close()
+    assert "left pageable" not in caplog.text, "the cap is said once, not once per resident group"
     first.close()
     third = staging.StagingBuffer(2 << 20, CUDA0)  # the bytes first gave back can be pinned again
     assert third.pinned
