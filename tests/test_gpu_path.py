@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,36 @@ def test_close_without_load_back_after_a_forward_frees_the_buffers_and_refuses_f
         accel_nvme.close(model, load_back=False)
         with pytest.raises(RuntimeError, match="the prefetcher was closed"):
             model(IDS)
+
+
+def test_a_read_done_before_its_callback_is_added_is_verified_without_the_prefetcher_lock(sources, monkeypatch):
+    import concurrent.futures
+
+    import accel_nvme.prefetch as prefetch
+
+    assert any(source.checksums for source in sources)
+    submit = FileReader.submit
+
+    def submit_and_wait(self, segments, buffer):
+        futures = submit(self, segments, buffer)
+        concurrent.futures.wait(futures)  # done before the prefetcher adds its callbacks: they run right there
+        return futures
+
+    blocked = []
+    digest = prefetch.digest
+
+    def digest_while_others_use_the_prefetcher(view):
+        probe = threading.Thread(target=prefetcher.holders, daemon=True)  # it ends once the lock is free
+        probe.start()
+        probe.join(timeout=2)
+        blocked.append(probe.is_alive())
+        return digest(view)
+
+    monkeypatch.setattr(FileReader, "submit", submit_and_wait)
+    monkeypatch.setattr(prefetch, "digest", digest_while_others_use_the_prefetcher)
+    prefetcher = Prefetcher(sources, torch.device("cpu"), FileReader(), depth=1)
+    try:
+        prefetcher.acquire(0).release()
+    finally:
+        prefetcher.close()
+    assert blocked and not any(blocked), "the digest ran holding the lock that acquire and release need"
