@@ -360,7 +360,8 @@ class Prefetcher:
                 return self._start(index, buffer)
             idle = [i for i, s in self._slots.items() if not s.holders]
             if not idle:
-                if len(self._slots) >= self._max_slots or all(s.done.is_set() for s in self._slots.values()):
+                waiting = self._copying or not all(s.done.is_set() for s in self._slots.values())
+                if len(self._slots) >= self._max_slots or not waiting:
                     raise RuntimeError(
                         f"{len(self._slots)} nvme groups are in use at once, more than prefetch_depth + 1 = "
                         f"{self._max_slots}; raise prefetch_depth"
@@ -471,6 +472,8 @@ class Prefetcher:
             with self._lock:
                 self._copying[id(slot)] = slot
         slot.device_data, slot.copied = self._ring.fill(slot.entry, slot.buffer.tensor, slot.layout, self._side_stream)
+        if slot.from_ram:
+            slot.buffer = None  # the resident group keeps its buffer; this slot owns none of the pool's
 
     def _give_back(self, slot: _Slot) -> None:
         """On an I/O thread: wait for the copy to have read the staging buffer, then let it be refilled."""

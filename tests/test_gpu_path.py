@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -184,8 +185,8 @@ def test_a_forked_child_does_not_inherit_pinned_buffers_nor_unregister_them(fake
 
 
 class FakeEvent:
-    def __init__(self, clock):
-        self.clock, self.at, self.done = clock, None, True
+    def __init__(self, clock, sync_delay=0.0):
+        self.clock, self.at, self.done, self.sync_delay = clock, None, True, sync_delay
 
     def record(self, stream):
         self.at = self.clock[0]
@@ -195,7 +196,7 @@ class FakeEvent:
         return self.done
 
     def synchronize(self):
-        pass
+        time.sleep(self.sync_delay)
 
     def elapsed_time(self, other):
         return (other.at - self.at) * 1e3
@@ -215,8 +216,9 @@ class FakeStream:
 class FakeRuntime:
     """Streams and events of the CUDA runtime, as records; ``clock[0]`` is the time events are recorded at."""
 
-    def __init__(self):
+    def __init__(self, sync_delay=0.0):
         self.clock = [0.0]
+        self.sync_delay = sync_delay  # how long waiting for a copy takes: staging buffers come back late
         self.compute = FakeStream()
         self.side: list[FakeStream] = []
         self.synchronized = 0
@@ -229,7 +231,7 @@ class FakeRuntime:
         self.synchronized += 1
 
     def event(self):
-        return FakeEvent(self.clock)
+        return FakeEvent(self.clock, self.sync_delay)
 
     def current_stream(self, device):
         return self.compute
@@ -320,9 +322,10 @@ def test_the_stall_meter_counts_gpu_idle_time_once_events_complete():
     assert meter.collect() == pytest.approx(0.25)
 
 
-def test_the_device_path_streams_resident_and_kept_groups_through_a_bounded_ring(sources):
+@pytest.mark.parametrize("sync_delay", [0.0, 0.02], ids=["prompt", "staging_back_late"])
+def test_the_device_path_streams_resident_and_kept_groups_through_a_bounded_ring(sources, sync_delay):
     """The prefetcher's CUDA path with a fake runtime (device memory is CPU memory, copies are synchronous)."""
-    runtime = FakeRuntime()
+    runtime = FakeRuntime(sync_delay)
     resident = {1: "host", 3: "device"}
     device_path = Prefetcher(sources, torch.device("cpu"), FileReader(), depth=1, resident=resident, runtime=runtime)
     in_ram = Prefetcher(sources, torch.device("cpu"), FileReader(), depth=1)
