@@ -429,3 +429,34 @@ def test_a_read_done_before_its_callback_is_added_is_verified_without_the_prefet
     finally:
         prefetcher.close()
     assert blocked and not any(blocked), "the digest ran holding the lock that acquire and release need"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_a_model_on_the_device_path_forwards_exactly_through_the_ring(offload_dir, grad):
+    """The real hooks on ring leases (fake runtime): outputs equal in RAM's, in inference and with grad enabled (the
+    hooks copy streamed weights out for autograd), three forwards, no view of a ring buffer kept."""
+    reference = tiny_lm()
+    with torch.inference_mode():
+        expected = reference(IDS)
+    model = accel_nvme.dispatch_model(tiny_lm(), LAYERS, offload_dir=offload_dir, config=NvmeConfig(prefetch_depth=1))
+    hooks = nvme_hooks(model)
+    cpu_path = hooks[0].prefetcher
+    device_path = Prefetcher(
+        cpu_path.sources, torch.device("cpu"), FileReader(), depth=1, resident={1: "host"}, runtime=FakeRuntime()
+    )
+    for hook in hooks:  # the same model, its groups now served by the device path
+        hook.prefetcher = device_path
+        device_path.attach()
+    cpu_path.close()
+    context = torch.enable_grad() if grad else torch.inference_mode()
+    with context:
+        outputs = [model(IDS) for _ in range(3)]
+    ring = device_path.device_buffer_bytes()
+    assert ring > 0
+    assert all(torch.equal(output.detach(), expected) for output in outputs)
+    if grad:  # autograd must have got copies: the ring buffers were refilled since (head is streamed, final is not)
+        outputs[0].sum().backward()
+        reference(IDS).sum().backward()
+        assert torch.equal(model.body.final.weight.grad, reference.body.final.weight.grad)
+    accel_nvme.close(model)
+    assert device_path.device_buffer_bytes() == 0
