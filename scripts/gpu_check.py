@@ -61,6 +61,8 @@ VRAM_SLACK = 0.25  # peak VRAM allowed beyond its bound: this share of one devic
 ORDERING_SIZE = {"blocks": 6, "hidden": 1024, "tokens": 1024}
 DRY_ORDERING_SIZE = {"blocks": 3, "hidden": 64, "tokens": 16}
 SPIN_CYCLES = 20_000_000  # about 10 ms of a spinning kernel at 2 GHz
+COMPUTE_SPIN = 5  # the slow-compute run spins this many times longer per block, and reads without delay: the CPU
+# must run well ahead of the GPU for a ring buffer to be refilled while queued kernels still read it
 BUDGETS = {"tests": 150, "bench": 200, "ordering": 90}  # seconds; gpu_check.sh's limit leaves a margin beyond them
 NEGATIVE_CONTROLS = ("wait_event", "consumed")
 # The test files holding CUDA tests (a CPU test checks the list): collecting the whole folder would import what the GPU
@@ -258,7 +260,10 @@ def ordering_run(
     control: str | None = None,
 ) -> dict[str, Any]:
     """Three forwards of the stack, every other block resident in RAM, without synchronising between them, slowed as
-    ``phase`` says ("copies" or "compute"), with ``control`` removed; are the outputs still exact?"""
+    ``phase`` says, with ``control`` removed; are the outputs still exact? "copies": reads delayed by ``read_delay``
+    and copies queued behind a spin; "compute": reads at full speed and every block's compute queued behind a long
+    spin, so the CPU runs ahead."""
+    read_delay = read_delay if phase == "copies" else 0.0
     model = gpu_bench.build_model(settings).to("cpu")
     main: int | str = settings.device.index if settings.cuda else "cpu"
     model = accel_nvme.dispatch_model(
@@ -281,7 +286,7 @@ def ordering_run(
         slow_reads(prefetcher.reader, read_delay, undo)
         slow_copies(prefetcher, spin_cycles if phase == "copies" and settings.cuda else 0, undo)
         if phase == "compute" and settings.cuda:
-            handles = slow_compute(model, spin_cycles)
+            handles = slow_compute(model, COMPUTE_SPIN * spin_cycles)
         if control == "wait_event":
             remove_wait_event(undo)
         elif control == "consumed":
@@ -309,7 +314,7 @@ def ordering_run(
         "exact": all(torch.equal(output, reference) for output in outputs),
         "forwards": len(outputs),
         "read_delay_s": read_delay,
-        "spin_cycles": spin_cycles if settings.cuda else 0,
+        "spin_cycles": (spin_cycles if phase == "copies" else COMPUTE_SPIN * spin_cycles) if settings.cuda else 0,
         "groups_read": total.groups_read,
         "host_resident_groups": resident,
         "stall_s": total.stall_seconds,
@@ -474,6 +479,7 @@ def ordering_rows(report: dict[str, Any]) -> list[Row]:
     ):
         run = ordering[phase]
         value = f"{'equal' if run['exact'] else 'NOT EQUAL'}, {run['forwards']} forwards"
+        value += f", reads +{run['read_delay_s'] * 1e3:.0f} ms, spin {run['spin_cycles']:.0e} cycles"
         value += f", compute waited {run['stall_s']:.3f} s"
         value += f", {run['groups_read']} reads, {run['host_resident_groups']} groups resident in RAM"
         if run["control_removed"]:
