@@ -33,7 +33,16 @@ from .io import FileReader, Segment
 from .schedule import SuccessorSchedule
 from .staging import BufferPool, StagingBuffer
 from .stats import ForwardRecorder, ForwardStats
-from .transfer import CudaRuntime, DeviceLayout, DeviceRing, StallMeter, copy_whole, device_layout, hand_to_compute
+from .transfer import (
+    CudaRuntime,
+    DeviceLayout,
+    DeviceRing,
+    StallMeter,
+    copy_whole,
+    device_layout,
+    hand_to_compute,
+    mark,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +276,7 @@ class Prefetcher:
                 slot = self._start_now(index)
             slot.holders.add(caller)
             self._top_up(index)
+        asked = mark(self.device, self._runtime) if self._cuda else None  # GPU idle time runs from here
         try:
             if not slot.done.is_set():
                 waited = time.perf_counter()
@@ -284,7 +294,7 @@ class Prefetcher:
             raise
         if not self._cuda:
             return Lease(_views(slot.source, slot.buffer.tensor), False, self._staging, self, index, caller)
-        data = hand_to_compute(slot.device_data, slot.copied, self.device, self._meter, self._runtime)
+        data = hand_to_compute(slot.device_data, slot.copied, self.device, self._meter, self._runtime, asked)
         return Lease(_views(slot.source, data, slot.layout.offsets), False, self._ring.pointers, self, index, caller)
 
     def _unusable(self, index: int) -> RuntimeError:

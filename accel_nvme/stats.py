@@ -22,8 +22,8 @@ class ForwardStats:
     """What one forward (or all of them) asked of the stream.
 
     ``seconds``: wall time from the forward's first group to its last release; ``read_seconds``: time at least one
-    read was in flight; ``stall_seconds``: time the compute waited for a group (CPU: the thread; CUDA: the GPU, the
-    compute stream's wait for each copy, timed with events and counted once they completed).
+    read was in flight; ``stall_seconds``: time the compute waited for a group (CPU: the thread; CUDA: the GPU, from
+    when the group was asked for to when its copy was done, timed with events, counted once they completed).
     """
 
     seconds: float = 0.0

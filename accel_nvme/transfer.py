@@ -6,7 +6,8 @@ compute stream recorded when the buffer's previous group was dropped, so device 
 runs ahead, and no copy overwrites bytes that queued kernels still read. The compute stream waits on each copy's event
 before using the group. Every tensor starts at a multiple of ``DEVICE_ALIGNMENT`` in its device buffer (the file packs
 them at 64 bytes), as in memory from the caching allocator, so kernels chosen by pointer alignment are the same as for
-the model in memory. The time the compute stream spends waiting for copies is measured with events (GPU idle time).
+the model in memory. The time the compute stream runs dry waiting for a group (its read or its copy) is timed with
+events.
 """
 
 from __future__ import annotations
@@ -99,24 +100,27 @@ class CudaRuntime:
 
 
 class StallMeter:
-    """GPU idle time of the compute stream: for each wait on a copy, from the moment the stream reached the wait to
-    the copy's end (nothing when the copy was done first); pairs are read once both events completed."""
+    """GPU idle time of the compute stream waiting for groups: for each group, from an event recorded when the compute
+    thread asked for it (the stream gets there once the work queued before is done) to one recorded after the wait on
+    its copy (the stream gets there once the thread had the group ready and the copy is done). Zero when the GPU was
+    behind and the copy done; the whole gap when it ran dry, whether on the read or on the copy. Pairs are read once
+    both events completed."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def add(self, reached: torch.cuda.Event, copied: torch.cuda.Event) -> None:
-        """The compute stream reached a wait on ``copied`` at ``reached``."""
-        self._pending.append((reached, copied))
+    def add(self, asked: torch.cuda.Event, ready: torch.cuda.Event) -> None:
+        """The compute stream was asked for a group at ``asked`` and could use it at ``ready``."""
+        self._pending.append((asked, ready))
 
     def collect(self) -> float:
         """Seconds of stall in the pairs completed since the last call (later pairs are kept for the next)."""
         seconds, pending = 0.0, []
-        for reached, copied in self._pending:
-            if reached.query() and copied.query():
-                seconds += max(0.0, reached.elapsed_time(copied)) / 1e3
+        for asked, ready in self._pending:
+            if asked.query() and ready.query():
+                seconds += max(0.0, asked.elapsed_time(ready)) / 1e3
             else:
-                pending.append((reached, copied))
+                pending.append((asked, ready))
         self._pending = pending
         return seconds
 
@@ -191,17 +195,24 @@ def copy_whole(host: torch.Tensor, layout: DeviceLayout, device: torch.device, r
     return data
 
 
+def mark(device: torch.device, runtime: CudaRuntime) -> torch.cuda.Event:
+    """An event recorded on the compute stream of ``device`` now."""
+    event = runtime.event()
+    event.record(runtime.current_stream(device))
+    return event
+
+
 def hand_to_compute(
     data: torch.Tensor,
     copied: torch.cuda.Event,
     device: torch.device,
     meter: StallMeter,
     runtime: CudaRuntime,
+    asked: torch.cuda.Event,
 ) -> torch.Tensor:
-    """``data`` for the current (compute) stream of ``device``: it waits for ``copied``; ``meter`` times the wait."""
+    """``data`` for the current (compute) stream of ``device``: it waits for ``copied``; ``meter`` gets the time from
+    ``asked`` (recorded when the group was asked for) to the end of that wait."""
     compute = runtime.current_stream(device)
-    reached = runtime.event()
-    reached.record(compute)
     compute.wait_event(copied)
-    meter.add(reached, copied)
+    meter.add(asked, mark(device, runtime))
     return data

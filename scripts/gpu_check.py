@@ -234,7 +234,7 @@ def remove_wait_event(undo: list[Callable[[], None]]) -> None:
     import accel_nvme.prefetch as prefetch
 
     def make(hand):
-        def no_wait(data, copied, device, meter, runtime):
+        def no_wait(data, copied, device, meter, runtime, asked):
             return data
 
         return no_wait
@@ -430,7 +430,7 @@ def bench_rows(report: dict[str, Any]) -> list[Row]:
     idle_limit = max(0.0, drive - compute) + IDLE_SHARE * floor
     out.append(
         Row(
-            "GPU idle per step (waiting for copies)",
+            "GPU idle per step (waiting for weights)",
             f"{idle:.4f} s" + ("" if cuda else " (CPU: time the thread waited)"),
             f"<= {idle_limit:.4f} s",
             verdict(idle <= idle_limit) if cuda else no_gpu,

@@ -309,7 +309,7 @@ def _set(report: dict, path: str, value) -> dict:
     "path, value, failed",
     [
         ("bench.modes.nvme.step_s", 2.3, ["nvme step / max(drive, compute)"]),
-        ("bench.modes.nvme.stats_total", {"stall_seconds": 7 * 1.3}, ["GPU idle per step (waiting for copies)"]),
+        ("bench.modes.nvme.stats_total", {"stall_seconds": 7 * 1.3}, ["GPU idle per step (waiting for weights)"]),
         ("bench.modes.nvme.peak_gpu_bytes", 3.2 * 10**9, ["peak VRAM nvme (bench)"]),
         ("bench.modes.nvme.exact", False, ["outputs torch.equal to no offload"]),
         ("bench.targets.side_stream_vs_plain_pinned.pass", False, ["H2D staging buffers / plain pinned"]),
