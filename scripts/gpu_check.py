@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import importlib.util
 import json
 import platform
 import shutil
@@ -131,15 +132,23 @@ def budget(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+_STOPPED: list[str] = []  # set by SIGTERM: the steps left are not started, the table prints at once
+
+
 def _stop_on_sigterm() -> None:
     def stop(signum, frame):
+        _STOPPED.append("the check's overall limit (SIGTERM)")
         raise StepTimeout("stopped by the check's overall limit (SIGTERM)")
 
     signal.signal(signal.SIGTERM, stop)
 
 
 def guarded(report: dict[str, Any], key: str, seconds: int, step: Callable[[], dict[str, Any]]) -> None:
-    """Run one step within its budget; its report, or ``{"error": ...}`` when it raised or ran out of time."""
+    """Run one step within its budget; its report, or ``{"error": ...}`` when it raised or ran out of time (or was
+    not started: the check was told to stop)."""
+    if _STOPPED:
+        report[key] = {"error": f"not run: stopped by {_STOPPED[0]}"}
+        return
     start = time.perf_counter()
     try:
         with budget(seconds):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -350,6 +351,21 @@ def test_gpu_check_step_budget_stops_a_step_and_reports_it():
     check.guarded(report, "slow", 1, lambda: time.sleep(5))
     assert report["slow"] == {"error": "StepTimeout: over its budget of 1 s"}
     assert report["seconds"]["slow"] < 3
+
+
+def test_gpu_check_after_sigterm_starts_no_more_steps(monkeypatch):
+    check = load_check()
+    monkeypatch.setattr(check, "_STOPPED", [])
+    previous = signal.getsignal(signal.SIGTERM)
+    check._stop_on_sigterm()
+    try:
+        report = {}
+        check.guarded(report, "first", 5, lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+        check.guarded(report, "second", 5, lambda: {"ran": True})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert report["first"] == {"error": "StepTimeout: stopped by the check's overall limit (SIGTERM)"}
+    assert report["second"] == {"error": "not run: stopped by the check's overall limit (SIGTERM)"}
 
 
 def test_gpu_check_budgets_fit_within_the_shell_limit():
