@@ -533,6 +533,7 @@ def h2d_rates(settings: Settings, nbytes: int) -> dict[str, Any]:
     # As Prefetcher._copy_to_device does it: into a device buffer of its ring, the copy and an event on the side
     # stream, then the I/O thread waits for the event before the staging buffer is reused.
     staging = StagingBuffer(nbytes, device)
+    result["staging_pinned"] = staging.pinned  # False: cudaHostRegister failed or the pinned cap was reached
     side = torch.cuda.Stream(device)
     data = torch.empty(nbytes, dtype=torch.uint8, device=device)
 

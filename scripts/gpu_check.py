@@ -469,6 +469,8 @@ def bench_rows(report: dict[str, Any]) -> list[Row]:
         out.append(Row("H2D staging buffers / plain pinned", transfer["reason"], f">= {RATE_TARGET:.0%}", "FAIL"))
     else:
         rate_value = "-" if rate["value"] is None else f"{rate['value']:.1%}"
+        if transfer.get("staging_pinned") is False:
+            rate_value += " (the staging buffer could not be pinned: see the warning)"
         out.append(
             Row("H2D staging buffers / plain pinned", rate_value, f">= {RATE_TARGET:.0%}", verdict(rate["pass"]))
         )

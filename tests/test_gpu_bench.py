@@ -390,3 +390,10 @@ def test_gpu_check_negative_control_dry_run_patches_and_says_so(tmp_path):
     assert report["ordering"]["copies"]["control_removed"] == "wait_event"
     assert "without_wait_event" not in report["ordering"]  # the controls are the ordering rows themselves
     assert "(negative control: wait_event removed; the ordering rows are expected to FAIL)" in result.stdout
+
+
+def test_gpu_check_says_when_the_staging_buffer_could_not_be_pinned():
+    report = _set(gpu_report(h2d_ratio=0.4), "bench.transfer", {"status": "ok", "staging_pinned": False})
+    rows = {row.check: row for row in load_check().rows(report)}
+    row = rows["H2D staging buffers / plain pinned"]
+    assert row.verdict == "FAIL" and "could not be pinned" in row.value
