@@ -229,8 +229,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self._acquiring = None
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Load the stored tensors back where the module computes (as accelerate does on removal, which loads them into
-        RAM; a module computing on a GPU would then fail its next forward) and let the prefetcher close."""
+        """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
         if self._lease is not None:
             self._put_back()
         for submodule, forward in self._guarded_submodules:
@@ -240,8 +239,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                 submodule.forward = forward
         self._guarded_submodules.clear()
         for local in self.members:
-            device = "cpu" if self.execution_device is None else self.execution_device
-            set_module_tensor_to_device(module, local, device, value=self.weights_map[local])
+            set_module_tensor_to_device(module, local, "cpu", value=self.weights_map[local])
         self.prefetcher.detach()
         return module
 
