@@ -20,6 +20,7 @@ from typing import Any
 import accelerate.big_modeling
 import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_module, remove_hook_from_submodules
+from accelerate.utils import set_module_tensor_to_device
 
 from . import devicemap
 from .config import NvmeConfig, load_config
@@ -250,14 +251,19 @@ def group_files(model: torch.nn.Module) -> list[Path]:
 def close(model: torch.nn.Module, load_back: bool = True) -> None:
     """Stop streaming ``model``'s nvme modules: reader threads stop, files close, staging buffers are freed.
 
-    With ``load_back`` (as accelerate's ``remove_hook_from_submodules`` does for our hooks) the nvme hooks are removed
-    and their weights read back into RAM, so the model still runs; without it nothing is read and a later forward of an
-    nvme module raises. Other hooks stay; a model without nvme modules is left as it is.
+    With ``load_back`` the nvme hooks are removed and their weights read back onto the device each module computes on
+    (accelerate's ``remove_hook_from_submodules`` reads them into RAM), so the model still runs where it ran; without
+    it nothing is read and a later forward of an nvme module raises. Other hooks stay; a model without nvme modules is
+    left as it is.
     """
     modules = _nvme_modules(model)
     if load_back:
         for module in modules:
+            hook = module._hf_hook
             remove_hook_from_module(module)
+            if hook.execution_device is not None and torch.device(hook.execution_device).type != "cpu":
+                for local in hook.members:
+                    set_module_tensor_to_device(module, local, hook.execution_device)
         return
     for prefetcher in {id(m._hf_hook.prefetcher): m._hf_hook.prefetcher for m in modules}.values():
         prefetcher.close()

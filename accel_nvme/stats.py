@@ -22,9 +22,10 @@ class ForwardStats:
     """What one forward (or all of them) asked of the stream.
 
     ``seconds``: wall time from the forward's first group to its last release; ``read_seconds``: time at least one
-    read was in flight; ``stall_seconds``: time the compute thread waited for a group. Fused MoE experts are read
-    one expert at a time (``experts.py``): ``expert_bytes_read`` (counted in ``bytes_read`` too), and the routed
-    experts found in the expert cache (``expert_cache_hits``) or read (``expert_cache_misses``).
+    read was in flight; ``stall_seconds``: time the compute waited for a group (CPU: the thread; CUDA: the GPU, from
+    when the group was asked for to when its copy was done, timed with events, counted once they completed). Fused
+    MoE experts are read one expert at a time (``experts.py``): ``expert_bytes_read`` (counted in ``bytes_read``
+    too), and the routed experts found in the expert cache (``expert_cache_hits``) or read (``expert_cache_misses``).
     """
 
     seconds: float = 0.0
