@@ -178,6 +178,8 @@ class ExpertsHook(ModelHook):
             for entry in group.entries
         )
         self.num_experts = self.tensors[0].shape[0]
+        self.execution_device = torch.device("cpu")  # experts are read per expert for CPU execution only
+        self.members = {t.attr: prefix + t.attr for t in self.tensors}  # local name -> stored name, as the block hook
         self.buffer = ExpertBuffer(group.data_bytes)
         self.expert_bytes = sum(self._span(t, 0)[1] - self._span(t, 0)[0] for t in self.tensors)
         self.verify_every_read = verify_every_read
