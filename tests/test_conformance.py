@@ -42,6 +42,9 @@ BASELINE_FAILS: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     # which stays on the CPU: the disk hook of proj_out looks its own name up in the offload index and misses.
     ("whisper", "load_checkpoint"): (KeyError, r"proj_out\.weight"),
 }
+# models whose output on accelerate's "disk" tier may differ from RAM in the last bits, for reasons of its own: on this
+# machine (transformers 5.25, torch 2.13 CPU) CLIP through the disk tier is off by 4.5e-8, the nvme tier exact.
+BASELINE_INEXACT = {"clip"}
 # (model, entry) -> what the library itself raises before any tier is involved: both tiers must raise it.
 LIBRARY_REFUSES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     ("ltx_video", budget): (ValueError, "does not support `device_map='auto'`") for budget in BUDGETS
@@ -240,6 +243,12 @@ def test_outputs_equal_the_model_in_ram(name, entry, tier, models_folder, tmp_pa
         model = load(case, entry, tier, tmp_path / "offload")
         assert_offloaded(model, tier)
         resident_aligned = not (case.spec.library == "transformers" and entry in FROM_PRETRAINED)
+        if tier == "disk" and name in BASELINE_INEXACT:
+            try:
+                assert_exact(case, model, f"{entry}/{tier}", None)
+            except AssertionError as error:
+                pytest.xfail(f"accelerate's disk tier is inexact here, for reasons of its own: {error}")
+            return
         assert_exact(case, model, f"{entry}/{tier}", resident_aligned if tier == "nvme" else None)
 
 

@@ -319,7 +319,8 @@ CHILD_FORWARD = textwrap.dedent(
             if pid == 0:
                 torch.set_num_threads(1)  # torch's OpenMP pool hangs a forked child otherwise, even with no offload
                 with torch.inference_mode():
-                    ok = all(torch.equal(model(ids), expected) for _ in range(3))
+                    in_ram = tiny_lm()(ids)  # at the child's thread count: one thread may sum in another order
+                    ok = all(torch.equal(model(ids), in_ram) for _ in range(3))
                 os._exit(0 if ok else 3)
             pids.append(pid)
         codes = [os.waitpid(pid, 0)[1] for pid in pids]
@@ -352,7 +353,7 @@ def test_a_child_forked_by_the_test_process_forwards_exactly(offload_dir):
         try:
             torch.set_num_threads(1)  # as DataLoader workers do: torch's OpenMP pool is not fork-safe
             with torch.inference_mode():
-                exact = torch.equal(model(IDS), expected)
+                exact = torch.equal(model(IDS), tiny_lm()(IDS))  # one thread may sum in another order than two
             own = model.embed._hf_hook.prefetcher.reader is not parent_reader
             os.write(write, b"exact" if exact and own else b"wrong")
         finally:
