@@ -164,7 +164,7 @@ def _unpack(node: _Leaf | _Wrapper, blob: torch.Tensor) -> torch.Tensor:
 def stored_form(name: str, tensor: torch.Tensor, source: torch.Tensor | CheckpointTensor) -> Any:
     """What a group file stores for module tensor ``tensor`` whose bytes come from ``source``.
 
-    A quantized tensor: its blob. A checkpoint tensor of a smaller floating dtype than the module's: as stored.
+    A quantized tensor: its blob. A checkpoint tensor whose dtype widens exactly to the module's: as stored.
     """
     kind = kind_of(name, tensor)
     if kind is not None:
@@ -179,13 +179,10 @@ def stored_form(name: str, tensor: torch.Tensor, source: torch.Tensor | Checkpoi
 
 
 def _widens_exactly(stored: torch.dtype | None, dtype: torch.dtype) -> bool:
+    """Whether every value of ``stored`` converts to ``dtype`` exactly (fp16, bf16 and fp8 into fp32 or fp64)."""
     return (
         stored is not None
-        and stored != dtype
-        and stored.is_floating_point
-        and dtype.is_floating_point
-        and stored.itemsize < dtype.itemsize
-        and stored in (torch.float16, torch.bfloat16)
+        and stored in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
         and dtype in (torch.float32, torch.float64)
     )
 

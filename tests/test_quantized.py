@@ -336,3 +336,16 @@ def test_from_single_file_streams(tmp_path, offload_dir, fmt):
     assert groups >= 4 and set(streamed.nvme_device_map.values()) == {"nvme"}
     tensors = len(model.state_dict())
     assert stored * 0.9 <= bytes_per_forward(streamed) <= stored + groups * ALIGNMENT + tensors * 2 * TENSOR_ALIGNMENT
+
+
+def test_quantized_weights_with_grad_enabled_and_loaded_back(offload_dir):
+    """With grad enabled (weights copied out of the staging buffer) outputs stay equal; ``close`` loads each quantized
+    weight back into RAM in its own class."""
+    x = torch.randn(2, WIDTH)
+    expected = gguf_net()(x)
+    streamed = accel_nvme.dispatch_model(gguf_net(), NVME_MAP, offload_dir=offload_dir, config=CONFIG)
+    assert all(torch.equal(streamed(x), expected) for _ in range(3))
+    accel_nvme.close(streamed)
+    weight = streamed.blocks[2].down.weight
+    assert type(weight).__name__ == "GGUFParameter" and weight.quant_type == gguf_net().blocks[2].down.weight.quant_type
+    assert torch.equal(streamed(x), expected)
