@@ -186,7 +186,7 @@ def plan_groups(
             canonical = owners.setdefault(id(tensor), full)
             if canonical == full:
                 source = tensor_source([full, *aliases[id(tensor)]], tensor, index, mapped)
-                plan.tensors[full] = stored_form(full, tensor, source)
+                plan.tensors[full] = stored_form(full, tensor, source, main_device)
             plan.members[full] = canonical
         plans.append(plan)
     return plans

@@ -1,7 +1,8 @@
 """How a streamed tensor is stored in its group file, and rebuilt into the module's tensor after each read.
 
-Plain tensors are stored as they are; a checkpoint tensor keeps the checkpoint's (smaller) floating dtype and is
-converted to the module's dtype after the read, as transformers and diffusers convert it when loading in RAM.
+Plain tensors are stored as they are; for a CUDA execution device, a checkpoint tensor keeps the checkpoint's
+(smaller) floating dtype and is converted to the module's dtype after the read, as transformers and diffusers
+convert it when loading in RAM.
 Quantized tensors are stored as they are quantized, in one ``uint8`` blob per tensor:
 
 - tensor subclasses (torchao, optimum-quanto) through their inner tensors: ``__tensor_flatten__`` at write,
@@ -161,21 +162,27 @@ def _unpack(node: _Leaf | _Wrapper, blob: torch.Tensor) -> torch.Tensor:
     return node.cls.__tensor_unflatten__(inner, node.ctx, node.size, node.stride)
 
 
-def stored_form(name: str, tensor: torch.Tensor, source: torch.Tensor | CheckpointTensor) -> Any:
+def stored_form(name: str, tensor: torch.Tensor, source: torch.Tensor | CheckpointTensor, main_device: Any) -> Any:
     """What a group file stores for module tensor ``tensor`` whose bytes come from ``source``.
 
-    A quantized tensor: its blob. A checkpoint tensor whose dtype widens exactly to the module's: as stored.
+    A quantized tensor: its blob. A checkpoint tensor whose dtype widens exactly to the module's: as stored, when the
+    execution device is a GPU, where converting after each read costs next to nothing; on the CPU the conversion
+    costs more than the read it saves (docs/quantized.md), so the group file holds the module's dtype.
     """
     kind = kind_of(name, tensor)
     if kind is not None:
         if isinstance(source, CheckpointTensor) or tensor.device.type == "meta":
             raise _refuse(name, tensor, "its quantized bytes are not in memory yet")
         return pack(tensor, kind)
-    if isinstance(source, CheckpointTensor):
+    if isinstance(source, CheckpointTensor) and _is_cuda(main_device):
         stored = SAFETENSORS_TO_DTYPE.get(source.identity[3])
         if _widens_exactly(stored, source.dtype):
             return checkpoint_tensor(source.path, source.key, stored)
     return source
+
+
+def _is_cuda(device: Any) -> bool:
+    return isinstance(device, int) or torch.device(device).type == "cuda"
 
 
 def _widens_exactly(stored: torch.dtype | None, dtype: torch.dtype) -> bool:

@@ -44,7 +44,7 @@ class Pair(torch.Tensor):
 def test_plain_tensors_have_no_kind_and_are_stored_as_they_are():
     weight = torch.nn.Parameter(torch.randn(3, 4))
     assert kind_of("m.weight", weight) is None and kind_of("m.buf", torch.randn(2)) is None
-    assert stored_form("m.weight", weight, weight) is weight
+    assert stored_form("m.weight", weight, weight, "cuda:0") is weight
 
 
 def test_a_tensor_subclass_round_trips_through_its_blob_with_strides_and_views():
@@ -70,7 +70,7 @@ def test_the_placeholder_is_meta_with_the_outer_shape_and_dtype():
 def test_a_quantized_tensor_still_on_meta_is_refused():
     tensor = Pair(torch.randn(2, 3), torch.randn(2, 3)).to("meta")
     with pytest.raises(UnstreamableTensorError, match=r"module 'm': tensor 'weight' .*not in memory yet"):
-        stored_form("m.weight", tensor, tensor)
+        stored_form("m.weight", tensor, tensor, "cpu")
 
 
 def test_a_subclass_without_tensor_flatten_is_refused():
@@ -82,18 +82,23 @@ def test_a_subclass_without_tensor_flatten_is_refused():
         kind_of("blocks.0.scale", tensor)
 
 
-def test_a_smaller_checkpoint_dtype_is_kept_and_converted_after_the_read(tmp_path):
+def test_a_smaller_checkpoint_dtype_is_kept_for_a_gpu_and_converted_after_the_read(tmp_path):
     path = tmp_path / "ckpt.safetensors"
-    weights = {"bf16": torch.randn(4, 4).to(torch.bfloat16), "fp32": torch.randn(4), "i64": torch.arange(3)}
+    weights = {"bf16": torch.randn(4, 4).to(torch.bfloat16), "fp32": torch.randn(4), "fp8": torch.randn(4)}
+    weights["fp8"] = weights["fp8"].to(torch.float8_e4m3fn)
     save_file(weights, path)
-    as_float32 = {name: checkpoint_tensor(path, name, torch.float32) for name in ("bf16", "fp32")}
-    stored = stored_form("m.w", torch.empty(4, 4, device="meta"), as_float32["bf16"])
-    assert isinstance(stored, CheckpointTensor) and stored.dtype == torch.bfloat16
+    as_float32 = {name: checkpoint_tensor(path, name, torch.float32) for name in weights}
+    meta = torch.empty(4, 4, device="meta")
+    for device in ("cuda:0", 0):
+        stored = stored_form("m.w", meta, as_float32["bf16"], device)
+        assert isinstance(stored, CheckpointTensor) and stored.dtype == torch.bfloat16
     assert stored.identity != as_float32["bf16"].identity, "another dtype is another folder"
-    assert stored_form("m.v", torch.empty(4, device="meta"), as_float32["fp32"]) is as_float32["fp32"]
+    assert stored_form("m.f", meta, as_float32["fp8"], "cuda").dtype == torch.float8_e4m3fn
+    assert stored_form("m.w", meta, as_float32["bf16"], "cpu") is as_float32["bf16"], "the CPU converts at write"
+    assert stored_form("m.v", meta, as_float32["fp32"], "cuda") is as_float32["fp32"]
     as_float16 = checkpoint_tensor(path, "bf16", torch.float16)
-    assert stored_form("m.w", torch.empty(4, 4, device="meta"), as_float16) is as_float16, "bf16 -> fp16 rounds"
-    rebuilt = rebuild(torch.empty(4, 4, device="meta"), stored.load())
+    assert stored_form("m.w", meta, as_float16, "cuda") is as_float16, "bf16 -> fp16 rounds: converted at write"
+    rebuilt = rebuild(meta, stored.load())
     assert rebuilt.dtype == torch.float32 and torch.equal(rebuilt, weights["bf16"].float())
 
 
