@@ -44,7 +44,7 @@ def _wrap(original_method: classmethod) -> classmethod:
                 model,
                 device_map,
                 max_memory,
-                kwargs.get("torch_dtype"),
+                kwargs.get("dtype") or kwargs.get("torch_dtype"),
                 hf_quantizer=getattr(model, "hf_quantizer", None),
             )
         device_map = from_accelerate(device_map)
