@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import accel_nvme
+from accel_nvme import tensorkinds
 from accel_nvme.format import ALIGNMENT, TENSOR_ALIGNMENT, align_up, read_layout
 from accel_nvme.tensorkinds import UnstreamableTensorError
 
@@ -176,10 +177,11 @@ def test_layerwise_casting_before_dispatch_streams_the_storage_dtype(offload_dir
     assert bytes_per_forward(streamed) < fp8 + DEPTH * ALIGNMENT < fp32
 
 
-def test_layerwise_casting_after_dispatch_is_honoured(offload_dir, caplog):
+def test_layerwise_casting_after_dispatch_is_honoured(offload_dir, caplog, monkeypatch):
     """Applied after dispatch, the casting still rounds the weights as in RAM (converted after each read, with a
     warning that the files hold the larger dtype)."""
     hooks = pytest.importorskip("diffusers.hooks")
+    monkeypatch.setattr(tensorkinds, "_WARNED_NARROWED", set())  # warned once per process: maybe by an earlier test
     x = torch.randn(2, WIDTH)
     model = net()
     hooks.apply_layerwise_casting(model, torch.float8_e4m3fn, torch.float32, skip_modules_pattern=["norm"])
