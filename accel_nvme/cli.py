@@ -88,6 +88,12 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--plot", help="also write the report as a PNG to this path (needs accel-nvme[plot])")
     b.add_argument(
+        "--storage-dtype",
+        choices=list(bench.STORAGE_DTYPES),
+        default="float32",
+        help="store the weights in this dtype, computed in fp32 (default float32; the same model, fewer bytes)",
+    )
+    b.add_argument(
         "--resident-budget",
         type=_percentages,
         default=(),
@@ -168,6 +174,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         batches=args.batch or defaults["batches"],
         forwards=forwards,
         resident_shares=args.resident_budget,
+        storage_dtype=args.storage_dtype,
     )
     logger.info("modes %s on %.2f GB of weights", ",".join(args.modes), config.model_bytes / 1e9)
     try:

@@ -21,6 +21,7 @@ from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
 
 from .prefetch import Lease, Prefetcher
+from .tensorkinds import rebuild
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,8 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         copy_out = grad and not lease.on_device
         tensors = lease.tensors
         for streamed in self._streamed:
-            value = tensors[streamed.name].clone() if copy_out else tensors[streamed.name]
-            if streamed.is_param:
+            value = rebuild(streamed.meta, tensors[streamed.name].clone() if copy_out else tensors[streamed.name])
+            if streamed.is_param and not isinstance(value, torch.nn.Parameter):
                 value = torch.nn.Parameter(value, requires_grad=grad and streamed.meta.requires_grad)
             streamed.put(value)
         self._staging = NOTHING if copy_out else lease.staging
@@ -238,8 +239,12 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
             else:
                 submodule.forward = forward
         self._guarded_submodules.clear()
-        for local in self.members:
-            set_module_tensor_to_device(module, local, "cpu", value=self.weights_map[local])
+        for local, streamed in zip(self.members, self._streamed, strict=True):
+            value = rebuild(streamed.meta, self.weights_map[local])
+            if type(value) in (torch.Tensor, torch.nn.Parameter):
+                set_module_tensor_to_device(module, local, "cpu", value=value)
+            else:  # a quantized tensor, rebuilt in its own class: accelerate's setter would rebuild it as a plain one
+                streamed.put(torch.nn.Parameter(value, requires_grad=False) if streamed.is_param else value)
         self.prefetcher.detach()
         return module
 

@@ -15,6 +15,7 @@ from accelerate.utils import set_module_tensor_to_device
 
 from .planning import module_tensor, tensor_source
 from .store import CheckpointTensor, GroupPlan
+from .tensorkinds import kind_of, placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ def leave_meta_tensors(model: torch.nn.Module, plans: list[GroupPlan]) -> None:
     metas: dict[str, torch.Tensor] = {}
     for plan in plans:
         for member, canonical in plan.members.items():
-            owner_name, _, attr = member.rpartition(".")
-            owner = model.get_submodule(owner_name)
+            owner, attr, tensor = module_tensor(model, member)
+            kind = kind_of(member, tensor)
+            if canonical not in metas and kind is not None:  # accelerate's setter would rebuild it as a plain one
+                metas[canonical] = placeholder(tensor, kind)
             if canonical not in metas:
                 set_module_tensor_to_device(model, member, "meta")
                 metas[canonical] = getattr(owner, attr)

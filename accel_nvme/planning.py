@@ -18,6 +18,7 @@ from .format import ALIGNMENT, align_up
 from .io import Segment
 from .prefetch import Checksum, GroupSource, TensorView
 from .store import CheckpointTensor, GroupPlan, Manifest, checkpoint_tensor
+from .tensorkinds import stored_form
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ def plan_groups(
                 continue
             canonical = owners.setdefault(id(tensor), full)
             if canonical == full:
-                plan.tensors[full] = tensor_source([full, *aliases[id(tensor)]], tensor, index, mapped)
+                source = tensor_source([full, *aliases[id(tensor)]], tensor, index, mapped)
+                plan.tensors[full] = stored_form(full, tensor, source, main_device)
             plan.members[full] = canonical
         plans.append(plan)
     return plans

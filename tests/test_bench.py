@@ -196,3 +196,23 @@ def test_free_ram_refused_when_too_large_or_too_small(tmp_path, free_ram, messag
     assert result.returncode == 2
     assert message in result.stderr and "--free-ram" in result.stderr
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_storage_dtype_streams_fewer_bytes_with_exact_outputs(tmp_path):
+    """``--storage-dtype float8_e4m3fn``: the same Linear model stored in fp8 (computed in fp32) streams a quarter of
+    fp32's bytes per forward, and every offloading mode gives the RAM model's outputs."""
+    out = tmp_path / "bench.json"
+    options = ["--no-squeeze", "--layers", "6", "--hidden", "256", "--batch", "4", "--forwards", "2"]
+    options += ["--warm-forwards", "0", "--modes", "ram,nvme,accelerate_disk", "--storage-dtype", "float8_e4m3fn"]
+    result = subprocess.run(
+        _bench_command(tmp_path, *options, "--json", str(out)), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Linear(256, 256) float8_e4m3fn (computed in fp32)" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["model_bytes"] == 6 * (256 * 256 + 256)
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert all(m["status"] == "ok" for m in modes.values()), [m.get("error") for m in modes.values()]
+    assert modes["nvme"]["batches"][0]["exact"] and modes["accelerate_disk"]["batches"][0]["exact"]
+    streamed = modes["nvme"]["batches"][0]["streamed_bytes"]
+    assert all(report["config"]["model_bytes"] <= s <= report["config"]["model_bytes"] + 6 * 4096 for s in streamed)

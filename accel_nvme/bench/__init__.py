@@ -23,6 +23,7 @@ from accel_nvme.bench.ballast import MIN_FREE_RAM_BYTES, Ballast, BallastError
 from accel_nvme.bench.config import (
     LLAMA_MAX_HIDDEN,
     SQUEEZE_STAGING_SHARE,
+    STORAGE_DTYPES,
     BenchConfig,
     LlamaShape,
     fits_in_ram,
@@ -42,6 +43,7 @@ __all__ = [
     "MIN_FREE_RAM_BYTES",
     "MODES",
     "SQUEEZE_STAGING_SHARE",
+    "STORAGE_DTYPES",
     "Ballast",
     "BallastError",
     "BatchResult",

@@ -9,6 +9,7 @@ LLAMA_VOCAB = 1024
 LLAMA_MAX_HIDDEN = 2048  # keeps one decoder layer (one nvme group) near 200 MB, so the nvme worker's RSS stays small
 LLAMA_MIN_LAYERS = 4
 SQUEEZE_STAGING_SHARE = 0.15  # under --free-ram, nvme's staging buffers (3 decoder layers) stay within this share
+STORAGE_DTYPES = {"float32": 4, "bfloat16": 2, "float8_e4m3fn": 1}  # --storage-dtype: bytes per stored value
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class BenchConfig:
     from_pretrained: bool = False
     resident_shares: tuple[float, ...] = ()
     max_hidden: int = LLAMA_MAX_HIDDEN
+    storage_dtype: str = "float32"  # weights stored so, computed in fp32 (layerwise casting); sizes stay fp32's
 
     @property
     def linear_bytes(self) -> int:
@@ -73,8 +75,9 @@ class BenchConfig:
 
     @property
     def model_bytes(self) -> int:
-        """Bytes of the weights of the model the bench runs."""
-        return self.llama_shape.model_bytes if self.from_pretrained else self.linear_bytes
+        """Bytes of the weights of the model the bench runs, as stored."""
+        fp32 = self.llama_shape.model_bytes if self.from_pretrained else self.linear_bytes
+        return fp32 * STORAGE_DTYPES[self.storage_dtype] // 4
 
     @property
     def model_kind(self) -> str:

@@ -7,17 +7,31 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from accel_nvme.bench.config import BenchConfig, LlamaShape
 
 
 def build_model(config: BenchConfig):
-    """The synthetic Sequential of fp32 Linear layers, with weights fixed by ``config.seed``."""
+    """The synthetic Sequential of Linear layers, with weights fixed by ``config.seed``, stored in
+    ``config.storage_dtype`` and computed in fp32."""
     import torch
 
     torch.manual_seed(config.seed)
-    return torch.nn.Sequential(*(torch.nn.Linear(config.hidden, config.hidden) for _ in range(config.layers)))
+    model = torch.nn.Sequential(*(torch.nn.Linear(config.hidden, config.hidden) for _ in range(config.layers)))
+    if config.storage_dtype != "float32":
+        dtype = getattr(torch, config.storage_dtype)
+        for layer in model:
+            layer.to(dtype).__class__ = StoredLinear
+    return model
+
+
+class StoredLinear(torch.nn.Linear):
+    """A Linear stored in a small dtype and computed in its input's dtype (fp32), as diffusers' layerwise casting."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
 def make_input(config: BenchConfig, batch: int):
@@ -37,8 +51,8 @@ def write_layer_files(config: BenchConfig, folder: Path) -> list[Path]:
     for i, layer in enumerate(model):
         path = folder / f"layer_{i:03d}.bin"
         with open(path, "wb") as f:
-            f.write(layer.weight.numpy().tobytes())
-            f.write(layer.bias.numpy().tobytes())
+            f.write(layer.weight.detach().view(torch.uint8).numpy().tobytes())
+            f.write(layer.bias.detach().view(torch.uint8).numpy().tobytes())
             os.fsync(f.fileno())
         paths.append(path)
     return paths
@@ -84,8 +98,9 @@ def _random_tensor(name: str, meta, generator):
     return torch.empty(meta.shape, dtype=meta.dtype).normal_(0, 0.02, generator=generator)
 
 
-def write_llama_checkpoint(shape: LlamaShape, folder: Path, seed: int = 0) -> int:
-    """Write a random LlamaForCausalLM checkpoint of ``shape`` to ``folder``, one shard per decoder layer.
+def write_llama_checkpoint(shape: LlamaShape, folder: Path, seed: int = 0, storage_dtype: str = "float32") -> int:
+    """Write a random LlamaForCausalLM checkpoint of ``shape`` to ``folder`` in ``storage_dtype`` (loaded as fp32),
+    one shard per decoder layer.
 
     Names and shapes come from a meta-device model; each shard's tensors are generated, saved and freed before the
     next, so RAM holds one shard at a time. Returns the bytes of all tensors.
@@ -108,6 +123,7 @@ def write_llama_checkpoint(shape: LlamaShape, folder: Path, seed: int = 0) -> in
     ) as bar:
         for shard, names in shards.items():
             data = {name: _random_tensor(name, tensors[name], generator) for name in names}
+            data = {name: t.to(getattr(torch, storage_dtype)) for name, t in data.items()}
             nbytes = sum(t.numel() * t.element_size() for t in data.values())
             save_file(data, str(folder / files[shard]), metadata={"format": "pt"})
             del data

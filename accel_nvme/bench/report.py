@@ -45,10 +45,16 @@ def _model_text(config: dict) -> str:
         s = config["llama_shape"]
         return (
             f"LlamaForCausalLM {s['layers']} layers, hidden {s['hidden']}, MLP {s['intermediate']}, vocab {s['vocab']},"
-            f" fp32 = {config['model_bytes'] / 1e9:.2f} GB, loaded by from_pretrained; batch = tokens of one sequence"
+            f" {_stored(config)} = {config['model_bytes'] / 1e9:.2f} GB, loaded by from_pretrained;"
+            " batch = tokens of one sequence"
         )
     h = config["hidden"]
-    return f"{config['layers']} x Linear({h}, {h}) fp32 = {config['model_bytes'] / 1e9:.2f} GB"
+    return f"{config['layers']} x Linear({h}, {h}) {_stored(config)} = {config['model_bytes'] / 1e9:.2f} GB"
+
+
+def _stored(config: dict) -> str:
+    dtype = config.get("storage_dtype", "float32")
+    return "fp32" if dtype == "float32" else f"{dtype} (computed in fp32)"
 
 
 def _row(r: dict, e: dict) -> tuple[str, ...]:

@@ -239,7 +239,7 @@ def _write_checkpoint(config: BenchConfig, root: Path) -> Path | None:
         return None
     checkpoint = root / "checkpoint"
     checkpoint.mkdir()
-    write_llama_checkpoint(config.llama_shape, checkpoint, config.seed)
+    write_llama_checkpoint(config.llama_shape, checkpoint, config.seed, config.storage_dtype)
     return checkpoint
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from .. import dispatch
-from . import accelerate, diffusers, transformers
+from . import accelerate, diffusers, single_file, transformers
 from .patching import patch, restore_all
 
 DISPATCH_MODEL_BOUND_IN = (
@@ -33,7 +33,12 @@ def _patch_dispatch_model(module: ModuleType) -> None:
 PATCHES: dict[str, list[Callable[[ModuleType], None]]] = {
     name: [_patch_dispatch_model] for name in DISPATCH_MODEL_BOUND_IN
 }
-for _name, _patch in (*accelerate.PATCHES.items(), *transformers.PATCHES.items(), *diffusers.PATCHES.items()):
+for _name, _patch in (
+    *accelerate.PATCHES.items(),
+    *transformers.PATCHES.items(),
+    *diffusers.PATCHES.items(),
+    *single_file.PATCHES.items(),
+):
     PATCHES.setdefault(_name, []).append(_patch)
 
 
