@@ -15,6 +15,7 @@ import yaml
 from .store import DEFAULT_LOCK_TIMEOUT
 
 DIRECT_IO_CHOICES = ("auto", "on", "off")
+COPY_CHOICES = ("auto", True, False)
 ENV_PREFIX = "ACCEL_NVME_"
 CONFIG_FILE_NAME = "accel_nvme.yaml"
 MAX_REQUEST_BYTES = 1 << 30
@@ -36,7 +37,9 @@ class NvmeConfig:
     ``resident_budget`` (host RAM) and ``device_resident_budget`` (CUDA memory) keep that many bytes of groups
     loaded once instead of streamed ("auto": the memory available at dispatch less the staging buffers and a
     headroom, see ``residency``);
-    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error.
+    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error;
+    ``copy``: whether weights of a safetensors checkpoint are copied into group files (True) or streamed straight from
+    the checkpoint (False); "auto" streams in place when the checkpoint and ``offload_dir`` share a filesystem.
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -49,6 +52,7 @@ class NvmeConfig:
     resident_budget: int | str = 0
     device_resident_budget: int | str = 0
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    copy: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
@@ -65,6 +69,8 @@ class NvmeConfig:
         timeout = self.lock_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
             raise ValueError(f"NvmeConfig.lock_timeout must be a number of seconds > 0, got {self.lock_timeout!r}")
+        if self.copy not in COPY_CHOICES or not isinstance(self.copy, bool | str):
+            raise ValueError(f"NvmeConfig.copy must be one of {COPY_CHOICES}, got {self.copy!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
         for name in ("resident_budget", "device_resident_budget"):
@@ -104,7 +110,9 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return int(value)
         if name == "lock_timeout":
             return float(value)
-        if name == "verify_on_read":
+        if name == "copy" and str(value).strip().lower() == "auto":
+            return "auto"
+        if name in ("verify_on_read", "copy"):
             if isinstance(value, bool):
                 return value
             if str(value).strip().lower() in {"1", "true", "yes", "on"}:

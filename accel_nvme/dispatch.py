@@ -28,9 +28,10 @@ from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader
 from .loading import PENDING_ATTR, current_loading, offloaded_weights
 from .modelstate import all_or_nothing, keep_resident, leave_meta_tensors, own_cpu_tensors
-from .planning import DispatchPlan, module_tensor, offload_index, plan_dispatch, read_sources
+from .planning import DispatchPlan, module_tensor, offload_index, plan_dispatch
 from .prefetch import Prefetcher
 from .residency import choose_resident
+from .sources import group_sources, stream_in_place
 from .stats import ForwardStats, NvmeStats
 from .store import Manifest, StoredWeights, materialize
 
@@ -109,9 +110,10 @@ def _dispatch_nvme(
     """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
     offload_buffers = accelerate_kwargs["offload_buffers"]
     plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes)
+    stream_in_place(plan.groups, config.offload_dir, config.copy)
     manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
     execution_device = devicemap.execution_device(main_device)
-    sources = read_sources(manifest, config.verify_on_read)
+    sources = group_sources(manifest, config.verify_on_read)
     reader = prefetcher = None
     try:
         reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
