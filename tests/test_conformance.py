@@ -256,6 +256,22 @@ def test_outputs_equal_the_model_in_ram(name, entry, tier, models_folder, tmp_pa
         assert_exact(case, model, f"{entry}/{tier}", resident_aligned if tier == "nvme" else None)
 
 
+# The suite runs checkpoint entries in one mode; these run them in the other one (ACCEL_NVME_COPY=true runs it all).
+OTHER_MODE = ("llama", "bart", "whisper", "flux")  # a decoder, tied encoder-decoders, a diffusers model
+
+
+@pytest.mark.parametrize("entry", ("cpu40", "load_checkpoint", "whole_pretrained"))
+@pytest.mark.parametrize("name", OTHER_MODE)
+def test_checkpoint_entries_in_the_other_mode(name, entry, models_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCEL_NVME_COPY", "false" if COPYING else "true")
+    case = saved(name, models_folder)
+    with as_recorded(name, entry, "nvme"):
+        model = load(case, entry, "nvme", tmp_path / "offload")
+        assert_reads_from(tmp_path / "offload", in_place=COPYING)
+        resident_aligned = not (case.spec.library == "transformers" and entry in FROM_PRETRAINED)
+        assert_exact(case, model, f"{entry}/nvme, {'in place' if COPYING else 'copied'}", resident_aligned)
+
+
 def test_accelerate_dispatch_fails_on_a_whole_model_disk_map(models_folder, tmp_path):
     """Why the "whole" baseline is ``disk_offload``: accelerate's ``extract_submodules_state_dict`` matches keys
     starting with ``"" + "."`` only, so ``{"": "disk"}`` writes nothing and the index it then opens does not exist."""
