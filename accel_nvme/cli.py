@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read only the routed experts of fused MoE modules (default: on, for a CPU execution device)",
     )
     c.add_argument("--expert-cache-bytes", type=parse_size, help="host RAM for MoE experts read last, e.g. 1GiB")
+    c.add_argument(
+        "--copy",
+        choices=("auto", "true", "false"),
+        help="copy safetensors checkpoints into group files (true), stream them in place (false), or auto: in place "
+        "when the checkpoint and the offload folder share a filesystem",
+    )
     c.add_argument("--show", action="store_true", help="only print the settings in force and where they come from")
     for name, text in (
         ("inspect", "list the groups, sizes, dtypes and fingerprint of an offload folder (exit 1: nothing of ours)"),

@@ -15,6 +15,7 @@ import yaml
 from .store import DEFAULT_LOCK_TIMEOUT
 
 DIRECT_IO_CHOICES = ("auto", "on", "off")
+COPY_CHOICES = ("auto", True, False)
 ENV_PREFIX = "ACCEL_NVME_"
 CONFIG_FILE_NAME = "accel_nvme.yaml"
 MAX_REQUEST_BYTES = 1 << 30
@@ -40,6 +41,8 @@ class NvmeConfig:
     ``expert_streaming``: fused MoE experts modules read only the experts each forward is routed to (CPU execution;
     False: they stream whole, with their block); ``expert_cache_bytes``: host RAM kept for the experts read last (an
     LRU over the experts of all layers; 0: every routed expert is read again). See ``docs/moe.md``.
+    ``copy``: whether weights of a safetensors checkpoint are copied into group files (True) or streamed straight from
+    the checkpoint (False); "auto" streams in place when the checkpoint and ``offload_dir`` share a filesystem.
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -54,6 +57,7 @@ class NvmeConfig:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     expert_streaming: bool = True
     expert_cache_bytes: int | str = 256 << 20
+    copy: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
@@ -70,6 +74,8 @@ class NvmeConfig:
         timeout = self.lock_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
             raise ValueError(f"NvmeConfig.lock_timeout must be a number of seconds > 0, got {self.lock_timeout!r}")
+        if self.copy not in COPY_CHOICES or not isinstance(self.copy, bool | str):
+            raise ValueError(f"NvmeConfig.copy must be one of {COPY_CHOICES}, got {self.copy!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
         if not isinstance(self.expert_streaming, bool):
@@ -115,7 +121,9 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return int(value)
         if name == "lock_timeout":
             return float(value)
-        if name in ("verify_on_read", "expert_streaming"):
+        if name == "copy" and str(value).strip().lower() == "auto":
+            return "auto"
+        if name in ("verify_on_read", "expert_streaming", "copy"):
             if isinstance(value, bool):
                 return value
             if str(value).strip().lower() in {"1", "true", "yes", "on"}:

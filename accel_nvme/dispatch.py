@@ -30,9 +30,10 @@ from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader
 from .loading import PENDING_ATTR, current_loading, offloaded_weights
 from .modelstate import all_or_nothing, keep_resident, leave_meta_tensors, own_cpu_tensors
-from .planning import DispatchPlan, module_tensor, offload_index, plan_dispatch, read_sources
+from .planning import DispatchPlan, module_tensor, offload_index, plan_dispatch
 from .prefetch import Prefetcher
 from .residency import choose_resident
+from .sources import group_sources, stream_in_place
 from .stats import ForwardStats, NvmeStats
 from .store import Manifest, StoredWeights, materialize
 
@@ -113,9 +114,10 @@ def _dispatch_nvme(
     execution_device = devicemap.execution_device(main_device)
     per_expert = config.expert_streaming and execution_device.type == "cpu"  # else experts stream with their block
     plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes, per_expert)
+    stream_in_place(plan.groups, config.offload_dir, config.copy)
     manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
     streamed = [group.index for group in manifest.groups if not group.row_digests]  # experts groups are not streamed
-    every_source = read_sources(manifest, config.verify_on_read)
+    every_source = group_sources(manifest, config.verify_on_read)
     sources = [every_source[i] for i in streamed]
     reader = prefetcher = None
     try:

@@ -28,12 +28,15 @@ from .format import (
     read_layout,
 )
 from .residency import spread_resident
+from .sources import DIGESTS_NAME, RangeDigests, checkpoint_source
 from .store import (
     CLEAN_ADVICE,
     FOLDER_PREFIX,
     GROUP_FILE,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    CheckpointGroup,
+    Manifest,
     StoreError,
     load_manifest,
 )
@@ -41,7 +44,10 @@ from .store import (
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
-OUR_FILE_NAMES = re.compile(rf"{re.escape(MANIFEST_NAME)}|group-\d+\.safetensors|\.group-\d+\.safetensors\.tmp-\d+")
+OUR_FILE_NAMES = re.compile(
+    rf"{re.escape(MANIFEST_NAME)}|group-\d+\.safetensors|\.group-\d+\.safetensors\.tmp-\d+|"
+    rf"{re.escape(DIGESTS_NAME)}|\.{re.escape(DIGESTS_NAME)}\.tmp-\d+"
+)
 COMMANDS = ("inspect", "verify", "clean")
 
 
@@ -127,8 +133,27 @@ def _manifest_json(folder: Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+def _files_named(names: list[str]) -> str:
+    return names[0][:200] + (f" +{len(names) - 1} more" if len(names) > 1 else "") if names else "-"
+
+
+def _checkpoint_info(g: dict) -> dict:
+    """What inspect shows of a group streamed in place: its checkpoint files, bytes, dtypes and tensor count."""
+    tensors = [t for t in g["tensors"].values() if isinstance(t, dict)]
+    return {
+        "name": str(g.get("name"))[:200],
+        "file": _files_named(sorted({Path(str(t.get("file"))).name for t in tensors})),
+        "source": "checkpoint",
+        "data_bytes": sum(t["offsets"][1] - t["offsets"][0] for t in tensors),
+        "dtypes": sorted({str(t.get("dtype")) for t in tensors}),
+        "tensors": len(tensors),
+        "problem": None,
+    }
+
+
 def _group_info(folder: Path, file: str, name: str | None) -> dict:
-    info = {"name": name, "file": file, "data_bytes": None, "dtypes": [], "tensors": None, "problem": None}
+    info = {"name": name, "file": file, "source": "group file", "data_bytes": None, "dtypes": [], "tensors": None}
+    info["problem"] = None
     if not GROUP_FILE.fullmatch(file):
         return {**info, "problem": "not a group file name of this folder"}
     path = folder / file
@@ -143,10 +168,14 @@ def _group_info(folder: Path, file: str, name: str | None) -> dict:
 def _inspect_model(folder: Path, resident_budget: int) -> dict:
     raw = _manifest_json(folder)
     try:
-        listed = [(str(g["name"])[:200], str(g["file"])[:200]) for g in raw["groups"]]
-    except (KeyError, TypeError):
-        listed = [(None, p.name) for p in sorted(folder.glob("group-*.safetensors"))]
-    groups = [_group_info(folder, file, name) for name, file in listed]
+        groups = [
+            _checkpoint_info(g)
+            if g.get("source") == "checkpoint"
+            else _group_info(folder, str(g["file"])[:200], str(g["name"])[:200])
+            for g in raw["groups"]
+        ]
+    except (KeyError, TypeError, AttributeError, IndexError):
+        groups = [_group_info(folder, p.name, None) for p in sorted(folder.glob("group-*.safetensors"))]
     resident = spread_resident([align_up(g["data_bytes"] or 0) for g in groups], resident_budget)
     for index, group in enumerate(groups):
         group["resident"] = index in resident
@@ -218,6 +247,7 @@ def format_inspect(report: dict) -> str:
         rows = [
             (
                 str(g["name"]),
+                g["source"],
                 g["file"],
                 "-" if g["data_bytes"] is None else f"{g['data_bytes']:,}",
                 ",".join(g["dtypes"]) or "-",
@@ -227,7 +257,9 @@ def format_inspect(report: dict) -> str:
             )
             for g in model["groups"]
         ]
-        lines += _table(("group", "file", "data bytes", "dtypes", "tensors", "kept", "problem"), rows, "  ")
+        lines += _table(
+            ("group", "reads from", "file", "data bytes", "dtypes", "tensors", "kept", "problem"), rows, "  "
+        )
         lines += [f"  not written by accel_nvme: {p}" for p in model["foreign"]]
     if report["leftovers"]:
         lines += ["", "leftovers of writers (accel-nvme clean removes them):"]
@@ -280,7 +312,11 @@ def _verify_model(folder: Path) -> list[Problem]:
     except (StoreError, ValueError, OSError) as e:
         return [_problem_in(folder, e)]
     problems = []
+    digests = RangeDigests(folder, manifest.fingerprint)
     for group in manifest.groups:
+        if isinstance(group, CheckpointGroup):
+            problems += _verify_in_place(manifest, group, digests)
+            continue
         try:
             actual = _data_digest(group.path, group.data_offset, group.data_bytes)
         except (GroupFileError, OSError) as e:
@@ -292,6 +328,29 @@ def _verify_model(folder: Path) -> list[Problem]:
                     group.path,
                     f"data {DIGEST_NAME} digest is {actual}, the manifest records {group.data_digest} "
                     f"(damaged or replaced data): {CLEAN_ADVICE}",
+                )
+            )
+    return problems
+
+
+def _verify_in_place(manifest: Manifest, group: CheckpointGroup, digests: RangeDigests) -> list[Problem]:
+    """Re-read each checkpoint range of a group streamed in place whose digest a first read recorded."""
+    problems = []
+    for read in checkpoint_source(manifest, group, False, digests).after_read.ranges:
+        recorded = digests.recorded(read)
+        if recorded is None:
+            continue  # not read yet: its digest is recorded on its first read
+        try:
+            actual = _data_digest(read.path, read.start, read.end - read.start)
+        except (GroupFileError, OSError) as e:
+            problems.append(_problem(read.path, e))
+            continue
+        if actual != recorded:
+            problems.append(
+                Problem(
+                    read.path,
+                    f"bytes {read.start}:{read.end} have {DIGEST_NAME} digest {actual}, {digests.path} records "
+                    f"{recorded} (the checkpoint changed): {CLEAN_ADVICE}",
                 )
             )
     return problems

@@ -17,7 +17,7 @@ from .experts import mark_experts, split_experts
 from .format import ALIGNMENT, align_up
 from .io import Segment
 from .prefetch import Checksum, GroupSource, TensorView
-from .store import CheckpointTensor, GroupPlan, Manifest, checkpoint_tensor
+from .store import CheckpointEntry, CheckpointTensor, GroupPlan, Manifest, checkpoint_tensor
 from .tensorkinds import stored_form
 
 
@@ -291,9 +291,10 @@ def offload_index(manifest: Manifest) -> dict[str, dict[str, str]]:
     for group in manifest.groups:
         for member, canonical in group.members.items():
             home, entry = manifest.locate(canonical)
+            in_place = isinstance(entry, CheckpointEntry)  # a tensor streamed straight from its checkpoint
             index[member] = {
-                "safetensors_file": str(home.path),
-                "weight_name": canonical,
+                "safetensors_file": str(entry.path if in_place else home.path),
+                "weight_name": entry.key if in_place else canonical,
                 "dtype": str(entry.dtype).removeprefix("torch."),
             }
     return index

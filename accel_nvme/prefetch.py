@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +76,8 @@ class Checksum:
 class GroupSource:
     """How to bring one group into a buffer: the segments to read, the views to take, the checksums to verify.
 
-    Checksums are verified on the group's first read, and on every read when ``verify_every_read``.
+    Checksums are verified on the group's first read, and on every read when ``verify_every_read``; ``after_read``
+    (given the buffer and whether checksums are due) runs after every read, before any module sees the bytes.
     """
 
     name: str
@@ -85,6 +86,7 @@ class GroupSource:
     views: tuple[TensorView, ...]
     checksums: tuple[Checksum, ...] = ()
     verify_every_read: bool = False
+    after_read: Callable[[StagingBuffer, bool], None] | None = None
 
 
 @dataclass
@@ -469,7 +471,10 @@ class Prefetcher:
 
     def _verify(self, slot: _Slot) -> None:
         source = slot.source
-        if id(source) in self._verified and not source.verify_every_read:
+        due = id(source) not in self._verified or source.verify_every_read
+        if source.after_read is not None:
+            source.after_read(slot.buffer, due)
+        if not due:
             return
         for check in source.checksums:
             if digest(slot.buffer.view[check.offset : check.offset + check.length]) != check.digest:

@@ -41,6 +41,7 @@ from .format import (
     ALIGNMENT,
     DIGEST_NAME,
     DTYPE_TO_SAFETENSORS,
+    SAFETENSORS_TO_DTYPE,
     GroupFileError,
     TensorEntry,
     digest,
@@ -129,6 +130,13 @@ def _safetensors_header(path: str, file_id: tuple) -> dict:
         return json.loads(f.read(length))
 
 
+@functools.lru_cache(maxsize=64)
+def _data_start(path: str, file_id: tuple) -> int:
+    """File offset of a safetensors file's data section."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
 @dataclass
 class GroupPlan:
     """What one group must hold: tensors it stores, and every member name mapped to its canonical tensor name.
@@ -140,6 +148,7 @@ class GroupPlan:
     tensors: dict[str, torch.Tensor | CheckpointTensor]
     members: dict[str, str] = field(default_factory=dict)
     experts: tuple[str, ...] = ()
+    in_place: bool = False  # streamed from its checkpoint's byte ranges (``sources``), no group file written
 
     @property
     def nbytes(self) -> int:
@@ -164,15 +173,40 @@ class StoredGroup:
 
 
 @dataclass(frozen=True)
+class CheckpointEntry:
+    """Where one tensor of a group streamed in place sits: ``key`` of checkpoint ``path``, bytes ``start:end``."""
+
+    name: str
+    key: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class CheckpointGroup:
+    """A group read straight from checkpoint files (no group file), with the files' identities when planned."""
+
+    index: int
+    name: str
+    entries: tuple[CheckpointEntry, ...]
+    members: dict[str, str]
+    files: dict[Path, tuple[int, ...]]
+    row_digests: dict[str, list[str]] = field(default_factory=dict)  # always empty: fused experts are copied
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A complete, validated offload folder: its groups and where each tensor lives."""
 
     folder: Path
     fingerprint: str
-    groups: tuple[StoredGroup, ...]
-    tensors: dict[str, tuple[StoredGroup, TensorEntry]]
+    groups: tuple[StoredGroup | CheckpointGroup, ...]
+    tensors: dict[str, tuple[StoredGroup | CheckpointGroup, TensorEntry | CheckpointEntry]]
 
-    def locate(self, name: str) -> tuple[StoredGroup, TensorEntry]:
+    def locate(self, name: str) -> tuple[StoredGroup | CheckpointGroup, TensorEntry | CheckpointEntry]:
         """The group file and byte range of a canonical tensor name."""
         return self.tensors[name]
 
@@ -203,6 +237,7 @@ def fingerprint(plans: list[GroupPlan], identities: list[str]) -> str:
         "groups": [
             {"name": plan.name, "tensors": _plan_spec(plan), "members": sorted(plan.members.items()), "identity": i}
             | ({"experts": list(plan.experts)} if plan.experts else {})
+            | ({"source": "checkpoint"} if plan.in_place else {})
             for plan, i in zip(plans, identities, strict=True)
         ],
     }
@@ -397,13 +432,16 @@ def _check_holds(manifest: Manifest, plans: list[GroupPlan], fp: str) -> None:
         raise StoreError(f"{where}: lists {len(manifest.groups)} groups, expected {len(plans)}")
     for group, plan in zip(manifest.groups, plans, strict=True):
         stored = sorted([e.name, DTYPE_TO_SAFETENSORS[e.dtype], list(e.shape)] for e in group.entries)
+        in_place = isinstance(group, CheckpointGroup)
         if (
             group.name != plan.name
             or group.members != plan.members
             or stored != sorted(_plan_spec(plan))
             or sorted(group.row_digests) != sorted(plan.experts)
         ):
-            raise StoreError(f"{group.path}: does not hold group {plan.name!r} as planned")
+            raise StoreError(f"{where}: group {group.index} does not hold group {plan.name!r} as planned")
+        if in_place != plan.in_place:
+            raise StoreError(f"{where}: group {plan.name!r} is {'not ' if plan.in_place else ''}streamed in place")
 
 
 def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> None:
@@ -415,6 +453,9 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
         for index, plan in enumerate(
             tqdm(plans, desc="Writing nvme groups", unit="group", leave=False, disable=progress_disabled())
         ):
+            if plan.in_place:
+                groups.append(_checkpoint_json(plan))
+                continue
             file_name = f"group-{index:05d}.safetensors"
             tensors = {n: t.load() if isinstance(t, CheckpointTensor) else t for n, t in plan.tensors.items()}
             written = write_group(tmp / file_name, tensors, plan.experts)
@@ -469,7 +510,7 @@ def manifest_digest(manifest: dict) -> str:
 
 def _needed_bytes(plans: list[GroupPlan]) -> int:
     """Disk space the group files of ``plans`` take: data and alignment padding, a header page per group, manifest."""
-    data = sum(plan.nbytes + 64 * len(plan.tensors) for plan in plans)
+    data = sum(plan.nbytes + 64 * len(plan.tensors) for plan in plans if not plan.in_place)
     return data + len(plans) * 2 * ALIGNMENT + (1 << 20)
 
 
@@ -531,10 +572,77 @@ def _is_str_map(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
 
-def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[str]) -> StoredGroup:
+def _checkpoint_json(plan: GroupPlan) -> dict:
+    """The manifest entry of a group streamed in place: each tensor's checkpoint file, key and absolute byte range."""
+    tensors, files = {}, {}
+    for name in storage_order(plan.tensors):
+        path, file_id, key, code, shape, (begin, end), _ = plan.tensors[name].identity
+        start = _data_start(path, file_id)
+        tensors[name] = {
+            "file": path,
+            "key": key,
+            "dtype": code,
+            "shape": list(shape),
+            "offsets": [start + begin, start + end],
+        }
+        files[path] = list(file_id)
+    return {"name": plan.name, "source": "checkpoint", "tensors": tensors, "files": files, "members": plan.members}
+
+
+def _checkpoint_group(folder: Path, index: int, g: dict) -> CheckpointGroup:
+    """Parse a group streamed in place; its checkpoint files must be the ones planned (path, inode, size, times)."""
+    where = f"{folder / MANIFEST_NAME}: group {index}"
+    name, tensors, files = g.get("name"), g.get("tensors"), g.get("files")
+    if not isinstance(name, str) or not _is_str_map(g.get("members")) or not isinstance(tensors, dict):
+        raise StoreError(f"{where}: malformed checkpoint group (name, members or tensors)")
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 5 for v in files.values()):
+        raise StoreError(f"{where}: malformed checkpoint group (files)")
+    for path, recorded in files.items():
+        try:
+            found = list(_file_identity(path))
+        except OSError as e:
+            raise StoreError(f"{where}: checkpoint {path} cannot be examined ({e.strerror})") from e
+        if found != recorded:
+            raise StoreError(
+                f"{where}: checkpoint {path} changed since this folder was planned (device, inode, size, mtime, ctime "
+                f"{recorded} -> {found}); load the model again: a new folder is planned for the new file"
+            )
+    entries = []
+    for tensor_name, t in tensors.items():
+        try:
+            path, header = t["file"], _safetensors_header(t["file"], _file_identity(t["file"]))
+            begin, end = (o - _data_start(path, _file_identity(path)) for o in t["offsets"])
+            planned = header[t["key"]]
+            if path not in files or [planned["dtype"], planned["shape"], planned["data_offsets"]] != [
+                t["dtype"],
+                t["shape"],
+                [begin, end],
+            ]:
+                raise ValueError("the checkpoint header does not match")
+            entry = CheckpointEntry(
+                tensor_name, t["key"], Path(path), SAFETENSORS_TO_DTYPE[t["dtype"]], tuple(t["shape"]), *t["offsets"]
+            )
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise StoreError(f"{where}: tensor {tensor_name[:100]!r} is not where the manifest says ({e})") from e
+        entries.append(entry)
+    return CheckpointGroup(index, name, tuple(entries), g["members"], {Path(p): tuple(v) for p, v in files.items()})
+
+
+def read_checkpoint_tensor(entry: CheckpointEntry, identity: tuple[int, ...]) -> torch.Tensor:
+    """A copy in RAM of a tensor streamed in place; raises if its checkpoint is not the file planned."""
+    with safe_open(entry.path, framework="pt") as f:
+        tensor = f.get_tensor(entry.key).clone()
+    if _file_identity(str(entry.path)) != identity:
+        raise GroupFileError(f"{entry.path}: the checkpoint changed since it was planned; load the model again")
+    return tensor
+
+
+def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[str]) -> StoredGroup | CheckpointGroup:
     where = f"{folder / MANIFEST_NAME}: group {index}"
     if not isinstance(g, dict):
         raise StoreError(f"{where} is a {type(g).__name__}, expected an object")
+    if g.get("source") == "checkpoint":
+        return _checkpoint_group(folder, index, g)
     name, file = g.get("name"), g.get("file")
     if not isinstance(name, str) or not isinstance(file, str) or not GROUP_FILE.fullmatch(file) or file in files:
         raise StoreError(f"{where}: file {str(file)[:100]!r} is not a group file name of this folder")
@@ -617,6 +725,8 @@ class StoredWeights(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         group, entry = self.manifest.locate(self._members[key])
+        if isinstance(group, CheckpointGroup):
+            return read_checkpoint_tensor(entry, group.files[entry.path])
         with safe_open(group.path, framework="pt") as f:
             tensor = f.get_tensor(entry.name).clone()  # a copy in RAM, not a view of a mapping of the file
         if digest(tensor_bytes(tensor)) != group.tensor_digests[entry.name]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ BUDGETS = {"cpu70": 0.7, "cpu40": 0.4, "cpu0": 0.0}
 ENTRIES = (*BUDGETS, "dispatch", "load_checkpoint", "whole", "whole_pretrained")
 FROM_PRETRAINED = (*BUDGETS, "whole_pretrained")
 TIERS = ("nvme", "disk")
+
+# Checkpoint loads stream in place (issue 23) unless the suite runs with ACCEL_NVME_COPY=true: then they copy.
+COPYING = os.environ.get("ACCEL_NVME_COPY", "auto").strip().lower() in {"1", "true", "yes", "on"}
+FROM_CHECKPOINT = (*FROM_PRETRAINED, "load_checkpoint")
 
 MAP_BUDGET = 0.7  # infer_auto_device_map on a CPU-only box keeps room for the largest layer: below this, {"": "disk"}
 
@@ -176,6 +181,12 @@ def assert_offloaded(model: torch.nn.Module, tier: str) -> None:
         assert any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks), "nothing offloaded to disk"
 
 
+def assert_reads_from(offload: Path, in_place: bool) -> None:
+    """The groups stream from the checkpoint (in place), or from group files."""
+    sources = {group["source"] for model in inspect_folder(offload)["models"] for group in model["groups"]}
+    assert sources == {"checkpoint" if in_place else "group file"}, sources
+
+
 class WeightAlignment(TorchFunctionMode):
     """Records every CPU parameter an op reads at an address that is not 64-byte aligned (issue items 4 and 5).
 
@@ -242,6 +253,8 @@ def test_outputs_equal_the_model_in_ram(name, entry, tier, models_folder, tmp_pa
     with as_recorded(name, entry, tier):
         model = load(case, entry, tier, tmp_path / "offload")
         assert_offloaded(model, tier)
+        if tier == "nvme":
+            assert_reads_from(tmp_path / "offload", in_place=entry in FROM_CHECKPOINT and not COPYING)
         resident_aligned = not (case.spec.library == "transformers" and entry in FROM_PRETRAINED)
         if tier == "disk" and name in BASELINE_INEXACT:
             try:
@@ -250,6 +263,22 @@ def test_outputs_equal_the_model_in_ram(name, entry, tier, models_folder, tmp_pa
                 pytest.xfail(f"accelerate's disk tier is inexact here, for reasons of its own: {error}")
             return
         assert_exact(case, model, f"{entry}/{tier}", resident_aligned if tier == "nvme" else None)
+
+
+# The suite runs checkpoint entries in one mode; these run them in the other one (ACCEL_NVME_COPY=true runs it all).
+OTHER_MODE = ("llama", "bart", "whisper", "flux")  # a decoder, tied encoder-decoders, a diffusers model
+
+
+@pytest.mark.parametrize("entry", ("cpu40", "load_checkpoint", "whole_pretrained"))
+@pytest.mark.parametrize("name", OTHER_MODE)
+def test_checkpoint_entries_in_the_other_mode(name, entry, models_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCEL_NVME_COPY", "false" if COPYING else "true")
+    case = saved(name, models_folder)
+    with as_recorded(name, entry, "nvme"):
+        model = load(case, entry, "nvme", tmp_path / "offload")
+        assert_reads_from(tmp_path / "offload", in_place=COPYING)
+        resident_aligned = not (case.spec.library == "transformers" and entry in FROM_PRETRAINED)
+        assert_exact(case, model, f"{entry}/nvme, {'in place' if COPYING else 'copied'}", resident_aligned)
 
 
 def test_accelerate_dispatch_fails_on_a_whole_model_disk_map(models_folder, tmp_path):

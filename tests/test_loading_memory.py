@@ -39,6 +39,7 @@ SCRIPT = textwrap.dedent(
         offload_backend="nvme",
         offload_folder=str(offload),
         nvme_prefetch_depth=depth,
+        nvme_copy=True,  # what this bounds is the writing of group files; streamed in place, nothing is written
     )
     loaded = time.perf_counter()
     after_load = status("VmHWM")
