@@ -17,6 +17,7 @@ from pathlib import Path
 import accelerate
 import pytest
 import torch
+import transformers
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import compute_module_sizes
@@ -47,6 +48,9 @@ if Version(accelerate.__version__) < Version("1.16"):
     # its load_checkpoint_in_model leaves the buffers of "disk" entries at their initial values (BART's
     # final_logits_bias): silently wrong outputs; the nvme tier loads them as 1.16 does
     BASELINE_FAILS["bart", "load_checkpoint"] = (AssertionError, "load_checkpoint/disk under no_grad: max diff")
+if Version(transformers.__version__) < Version("5.18"):  # seen with 5.17 (the GPU machine's), not with 5.25: its own
+    # disk offload of CLIP through from_pretrained differs from the model in RAM by 4.5e-8 (the nvme tier is exact)
+    BASELINE_FAILS.update({("clip", entry): (AssertionError, "equal") for entry in FROM_PRETRAINED})
 # (model, entry) -> what the library itself raises before any tier is involved: both tiers must raise it.
 LIBRARY_REFUSES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     ("ltx_video", budget): (ValueError, "does not support `device_map='auto'`") for budget in BUDGETS
