@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from accel_nvme import bench, config, maintenance
 
@@ -19,6 +20,9 @@ SQUEEZE_DEFAULTS = {
     "warm_forwards": 3,
 }
 PLAIN_DEFAULTS = {"size": None, "batches": (64, 512), "forwards": 3, "warm_forwards": 2}
+QUICK_DEFAULTS = {"size": 50_000_000, "batches": (4, 16), "forwards": 1, "warm_forwards": 1}
+QUICK_BALLAST_BYTES = 2_000_000_000  # --quick: the ballast holds this much (filling all but 1.2 GB takes a minute)
+PLOT_DEFAULT = "accel-nvme-bench.png"
 
 
 def parse_size(text: str) -> int:
@@ -86,7 +90,18 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="use a synthetic Llama checkpoint loaded by from_pretrained (default: when the model does not fit in RAM)",
     )
-    b.add_argument("--plot", help="also write the report as a PNG to this path (needs accel-nvme[plot])")
+    b.add_argument(
+        "--plot",
+        default=PLOT_DEFAULT,
+        help=f"write the report as a PNG to this path (default {PLOT_DEFAULT}; needs accel-nvme[plot])",
+    )
+    b.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="write no PNG")
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same path in about a minute: a 50 MB Llama loaded by from_pretrained, a ballast holding 2 GB, every"
+        " mode, batches 4,16, one cold and one warm forward (a check that it runs, not a measurement)",
+    )
     b.add_argument(
         "--storage-dtype",
         choices=list(bench.STORAGE_DTYPES),
@@ -163,7 +178,7 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    defaults = PLAIN_DEFAULTS if args.no_squeeze else SQUEEZE_DEFAULTS
+    defaults = (PLAIN_DEFAULTS if args.no_squeeze else SQUEEZE_DEFAULTS) | (QUICK_DEFAULTS if args.quick else {})
     size = args.size if args.size is not None or args.hidden is not None else defaults["size"]
     forwards = defaults["forwards"] if args.forwards is None else args.forwards
     warm_forwards = defaults["warm_forwards"] if args.warm_forwards is None else args.warm_forwards
@@ -182,6 +197,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         resident_shares=args.resident_budget,
         storage_dtype=args.storage_dtype,
     )
+    plot = _plot_path(args, parser)
     logger.info("modes %s on %.2f GB of weights", ",".join(args.modes), config.model_bytes / 1e9)
     try:
         report = bench.run(
@@ -189,14 +205,41 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             args.modes,
             offload_folder=args.offload_folder,
             json_path=args.json,
-            plot_path=args.plot,
+            plot_path=plot,
             warm_forwards=warm_forwards,
-            from_pretrained=args.from_pretrained,
-            free_ram=None if args.no_squeeze else args.free_ram or defaults["free_ram"],
+            from_pretrained=True if args.quick and args.from_pretrained is None else args.from_pretrained,
+            free_ram=None if args.no_squeeze else args.free_ram or _default_free_ram(args.quick, defaults),
         )
     except bench.BallastError as e:
         parser.exit(2, f"accel-nvme bench: {e}\n")
     print(bench.format_report(report))
+    if plot is not None:
+        print(f"plot: {Path(plot).resolve()}")
+
+
+def _default_free_ram(quick: bool, defaults: dict) -> int:
+    if not quick:
+        return defaults["free_ram"]
+    import psutil
+
+    return max(bench.MIN_FREE_RAM_BYTES, psutil.virtual_memory().available - QUICK_BALLAST_BYTES)
+
+
+def _plot_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """Where the PNG goes: ``--plot`` (the default too) when matplotlib imports; otherwise say how to get it."""
+    if args.plot is None:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return args.plot
+    hint = "matplotlib is not installed: pip install 'accel-nvme[plot]'"
+    if args.plot != PLOT_DEFAULT:
+        parser.error(f"--plot {args.plot}: {hint}")
+    print(f"no plot: {hint} (or pass --no-plot)", file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

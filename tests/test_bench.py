@@ -64,10 +64,11 @@ def plain_run(tmp_path_factory):
         "0,50",
         "--json",
         str(out),
+        "--no-plot",
     )
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("accel-nvme-bench")] == []  # --no-plot: no PNG
     return result, json.loads(out.read_text())
 
 
@@ -129,9 +130,19 @@ def squeezed_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("squeezed")
     out = tmp_path / "bench.json"
     cmd, free = _squeezed_options(tmp_path, out)
-    result = subprocess.run([*cmd, "--resident-budget", "50"], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [*cmd, "--resident-budget", "50"], capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     return result, json.loads(out.read_text()), free
+
+
+def test_bench_writes_its_plot_by_default_and_says_where(squeezed_run):
+    result = squeezed_run[0]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("plot: ")]
+    png = Path(line.removeprefix("plot: "))  # in the folder it ran in
+    assert png.name == "accel-nvme-bench.png" and png.parent.name.startswith("squeezed")
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_squeezed_bench_runs_every_mode_and_releases_the_ballast(squeezed_run):

@@ -18,10 +18,12 @@ from pathlib import Path
 import accelerate
 import pytest
 import torch
+import transformers
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import compute_module_sizes
 from conformance_models import SPECS, Spec
+from packaging.version import Version
 from safetensors.torch import save_model
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -47,9 +49,13 @@ BASELINE_FAILS: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     # which stays on the CPU: the disk hook of proj_out looks its own name up in the offload index and misses.
     ("whisper", "load_checkpoint"): (KeyError, r"proj_out\.weight"),
 }
-# models whose output on accelerate's "disk" tier may differ from RAM in the last bits, for reasons of its own: on this
-# machine (transformers 5.25, torch 2.13 CPU) CLIP through the disk tier is off by 4.5e-8, the nvme tier exact.
+# models whose output on accelerate's "disk" tier may differ from RAM in the last bits, for reasons of its own: CLIP
+# through from_pretrained is off by 4.5e-8 with transformers 5.17, and with 5.25 on some machines (the nvme tier exact)
 BASELINE_INEXACT = {"clip"}
+if Version(accelerate.__version__) < Version("1.16"):
+    # its load_checkpoint_in_model leaves the buffers of "disk" entries at their initial values (BART's
+    # final_logits_bias): silently wrong outputs; the nvme tier loads them as 1.16 does
+    BASELINE_FAILS["bart", "load_checkpoint"] = (AssertionError, "load_checkpoint/disk under no_grad: max diff")
 # (model, entry) -> what the library itself raises before any tier is involved: both tiers must raise it.
 LIBRARY_REFUSES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     ("ltx_video", budget): (ValueError, "does not support `device_map='auto'`") for budget in BUDGETS

@@ -4,6 +4,11 @@ nvme entries load as accelerate's ``"disk"`` entries do (lazily: a weight is nev
 is written: each offloaded weight is noted where it sits in its safetensors file, or kept memory-mapped from a
 ``.bin`` file (``torch.load(mmap=True, weights_only=True)``). The notes are left on the model for the
 ``dispatch_model`` that follows, which writes the group files from there, one group at a time.
+
+accelerate before 1.16 gets two things wrong on ``"disk"`` entries, which nvme entries become here: it reads a
+safetensors file whose weights all go to disk with ``device="disk"`` (safetensors raises "device disk is invalid"),
+and it never loads the buffers of disk entries (``offload_buffers=False``): they keep their initial values, and the
+outputs are silently wrong (BART's ``final_logits_bias``). Both are done here as accelerate 1.16 does them.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import functools
 import inspect
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
+import accelerate
 import accelerate.utils.modeling as accelerate_modeling
 import torch
-from accelerate.utils import find_tied_parameters
+from accelerate.utils import find_tied_parameters, set_module_tensor_to_device
+from packaging.version import Version
 
 from ..config import load_config
 from ..devicemap import has_nvme, refuse_mixed, to_accelerate
@@ -28,6 +35,9 @@ from .patching import patch
 _original_load_checkpoint_in_model = accelerate_modeling.load_checkpoint_in_model
 _signature = inspect.signature(_original_load_checkpoint_in_model)
 _CURRENT: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("accel_nvme_checkpoint_load", default=None)
+# accelerate < 1.16 leaves the buffers of "disk" entries unloaded (1.16: "Buffers stay in memory unless
+# `offload_buffers=True`, so they still need their value")
+_LOADS_DISK_BUFFERS = Version(accelerate.__version__).release >= (1, 16)
 
 
 @dataclass
@@ -37,6 +47,8 @@ class _Load:
     loading: NvmeLoading
     folder: str
     file: str | None = None
+    disk_buffers: frozenset[str] = frozenset()
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @functools.wraps(_original_load_checkpoint_in_model)
@@ -58,13 +70,39 @@ def load_checkpoint_in_model(*args, **kwargs):
     bound.arguments["device_map"] = to_accelerate(device_map)
     bound.arguments["offload_folder"] = str(config.offload_dir)
     tied = find_tied_parameters(model)
-    token = _CURRENT.set(_Load(loading, str(config.offload_dir)))
+    offload_buffers = bound.arguments.get("offload_buffers", False)
+    buffers = frozenset() if _LOADS_DISK_BUFFERS or offload_buffers else _disk_buffers(model, device_map)
+    current = _Load(loading, str(config.offload_dir), disk_buffers=buffers)
+    token = _CURRENT.set(current)
     try:
         _original_load_checkpoint_in_model(*bound.args, **bound.kwargs)
     finally:
         _CURRENT.reset(token)
+    _load_buffers(model, current.buffers, bound.arguments)
     _retie(model, tied, loading)
     model.__dict__[PENDING_ATTR] = loading
+
+
+def _disk_buffers(model: torch.nn.Module, device_map: dict) -> frozenset[str]:
+    """The buffers of ``model`` under the ``"nvme"`` entries of ``device_map``."""
+    names = set()
+    for name, _ in model.named_buffers():
+        entry = name
+        while entry and entry not in device_map:
+            entry = entry.rpartition(".")[0]
+        if device_map.get(entry) == "nvme":
+            names.add(name)
+    return frozenset(names)
+
+
+def _load_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor], arguments: dict) -> None:
+    """Set the buffers accelerate < 1.16 left unloaded to their checkpoint values, with the dtype 1.16 gives them."""
+    dtype, keep_in_fp32 = arguments.get("dtype"), arguments.get("keep_in_fp32_modules") or []
+    for name, value in buffers.items():
+        new_dtype = dtype if dtype is not None and torch.is_floating_point(value) else None
+        if new_dtype == torch.float16 and any((k in name and k + "." in name) or k == name for k in keep_in_fp32):
+            new_dtype = torch.float32
+        set_module_tensor_to_device(model, name, "cpu", value=value, dtype=new_dtype)
 
 
 def _retie(model: torch.nn.Module, tied: list[list[str]], loading: NvmeLoading) -> None:
@@ -88,8 +126,14 @@ def _load_state_dict(load_state_dict):
             return load_state_dict(checkpoint_file, *args, **kwargs)
         current.file = str(checkpoint_file)
         if not current.file.endswith(".safetensors") and zipfile.is_zipfile(checkpoint_file):
-            return torch.load(checkpoint_file, map_location="cpu", weights_only=True, mmap=True)
-        return load_state_dict(checkpoint_file, *args, **kwargs)
+            state_dict = torch.load(checkpoint_file, map_location="cpu", weights_only=True, mmap=True)
+        else:  # "disk" weights are read on the CPU (accelerate < 1.16 asks safetensors for device "disk")
+            device_map = kwargs.get("device_map")
+            if device_map is not None:
+                kwargs["device_map"] = {k: "cpu" if v == "disk" else v for k, v in device_map.items()}
+            state_dict = load_state_dict(checkpoint_file, *args, **kwargs)
+        current.buffers.update({k: v for k, v in state_dict.items() if k in current.disk_buffers})
+        return state_dict
 
     return load_and_remember
 
