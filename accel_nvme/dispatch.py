@@ -260,6 +260,9 @@ def stats(model: torch.nn.Module) -> NvmeStats:
     total.read_seconds = prefetcher.reader.busy_seconds
     total.seconds = sum(f.seconds for f in forwards)
     resident = [prefetcher.sources[i] for i in prefetcher.resident]
+    modules = [
+        name for name, m in model.named_modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)
+    ]
     return NvmeStats(
-        len(prefetcher.sources), [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total
+        len(prefetcher.sources), [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total, modules
     )
