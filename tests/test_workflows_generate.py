@@ -1,4 +1,5 @@
-"""``generate`` and ``transformers.pipeline`` on models streamed whole from nvme ({"": "nvme"}), each equal to RAM."""
+"""transformers workflows on models streamed whole from nvme ({"": "nvme"}): ``generate``, ``pipeline()``, a
+vision tower under ``no_grad``; each equal to RAM."""
 
 import pytest
 import torch
@@ -94,3 +95,24 @@ def test_text_generation_pipeline_accepts_a_streamed_model(loaded):
     got = run(streamed)
     assert got == run(model)
     assert streamed.hf_device_map[accel_nvme.stats(streamed).modules[0]] == "nvme", "the map is kept"
+
+
+def test_siglip_pooling_head_under_no_grad(tmp_path):
+    """Its ``nn.MultiheadAttention`` head: torch's matmul picks its kernel partly on ``weight.requires_grad``."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4
+    )
+    torch.manual_seed(0)
+    model = SiglipVisionModel(config).eval()
+    model.save_pretrained(tmp_path / "siglip")
+    streamed = SiglipVisionModel.from_pretrained(
+        tmp_path / "siglip", device_map={"": "nvme"}, offload_folder=str(tmp_path / "offload")
+    )
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(pixel_values=pixels), streamed(pixel_values=pixels)
+    assert len(accel_nvme.stats(streamed).modules) > 2
+    assert torch.equal(got.pooler_output, expected.pooler_output)
+    assert torch.equal(got.last_hidden_state, expected.last_hidden_state)

@@ -118,12 +118,12 @@ def test_stable_audio_dit_under_no_grad(tmp_path, offload_dir):
     torch.manual_seed(0)
     model = StableAudioDiTModel(
         sample_size=4,
-        in_channels=3,
+        in_channels=8,
         num_layers=2,
         attention_head_dim=4,
         num_attention_heads=2,
         num_key_value_attention_heads=2,
-        out_channels=3,
+        out_channels=8,
         cross_attention_dim=4,
         time_proj_dim=8,
         global_states_input_dim=8,
@@ -132,11 +132,11 @@ def test_stable_audio_dit_under_no_grad(tmp_path, offload_dir):
     model.save_pretrained(tmp_path / "dit")
     g = torch.Generator().manual_seed(0)
     inputs = dict(
-        hidden_states=torch.randn(2, 3, 5, generator=g),
+        hidden_states=torch.randn(2, 8, 16, generator=g),
         timestep=torch.tensor([10, 20]),
         encoder_hidden_states=torch.randn(2, 3, 4, generator=g),
         global_hidden_states=torch.randn(2, 1, 8, generator=g),
-        rotary_embedding=get_1d_rotary_pos_embed(2, 6, use_real=True, repeat_interleave_real=False),
+        rotary_embedding=get_1d_rotary_pos_embed(2, 17, use_real=True, repeat_interleave_real=False),
         return_dict=False,
     )
     streamed = StableAudioDiTModel.from_pretrained(
