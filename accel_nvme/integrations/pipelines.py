@@ -6,6 +6,9 @@ one, the current CUDA device when there is one, else the CPU. The large componen
 others (VAE, small encoders) are loaded by diffusers as usual and moved there. ``max_memory`` (diffusers' keys: a GPU
 index, "cpu") or ``nvme_device_resident_budget`` / ``nvme_resident_budget`` is shared among the streamed components,
 denoisers first, as groups kept resident instead of streamed (``placement.plan_pipeline``).
+
+``pipe.device`` and ``pipe._execution_device`` give the device the streamed components compute on (diffusers would
+read the first component's parameters: meta, for a streamed one), and diffusers' own offloading is refused.
 """
 
 from __future__ import annotations
@@ -103,8 +106,8 @@ def _check_streamed_kept(pipe: Any, loaded: dict[str, torch.nn.Module]) -> None:
         if held is not component:
             raise RuntimeError(
                 f"{type(pipe).__name__}.from_pretrained: {name!r} was loaded to stream from nvme, but the pipeline "
-                f"holds {type(held).__name__} object {id(held):#x} instead (diffusers loaded it again, whole, in RAM); "
-                f"pass nvme_components=[...] without {name!r} to keep it in RAM knowingly"
+                f"holds another {type(held).__name__} (diffusers loaded it again, whole, in RAM); pass "
+                f"nvme_components=[...] without {name!r} to keep it in RAM knowingly"
             )
 
 
