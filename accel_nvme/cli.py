@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lock-timeout", type=float, help="seconds to wait for another process writing the same weights")
     c.add_argument("--resident-budget", help="host RAM for groups kept loaded, e.g. 6GiB, or auto")
     c.add_argument("--device-resident-budget", help="CUDA memory for groups kept loaded, e.g. 4GiB, or auto")
+    c.add_argument(
+        "--expert-streaming",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read only the routed experts of fused MoE modules (default: on, for a CPU execution device)",
+    )
+    c.add_argument("--expert-cache-bytes", type=parse_size, help="host RAM for MoE experts read last, e.g. 1GiB")
     c.add_argument("--show", action="store_true", help="only print the settings in force and where they come from")
     for name, text in (
         ("inspect", "list the groups, sizes, dtypes and fingerprint of an offload folder (exit 1: nothing of ours)"),

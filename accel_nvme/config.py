@@ -36,7 +36,10 @@ class NvmeConfig:
     ``resident_budget`` (host RAM) and ``device_resident_budget`` (CUDA memory) keep that many bytes of groups
     loaded once instead of streamed ("auto": the memory available at dispatch less the staging buffers and a
     headroom, see ``residency``);
-    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error.
+    ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error;
+    ``expert_streaming``: fused MoE experts modules read only the experts each forward is routed to (CPU execution;
+    False: they stream whole, with their block); ``expert_cache_bytes``: host RAM kept for the experts read last (an
+    LRU over the experts of all layers; 0: every routed expert is read again). See ``docs/moe.md``.
     """
 
     offload_dir: str | os.PathLike | None = None
@@ -49,6 +52,8 @@ class NvmeConfig:
     resident_budget: int | str = 0
     device_resident_budget: int | str = 0
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    expert_streaming: bool = True
+    expert_cache_bytes: int | str = 256 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
@@ -67,6 +72,12 @@ class NvmeConfig:
             raise ValueError(f"NvmeConfig.lock_timeout must be a number of seconds > 0, got {self.lock_timeout!r}")
         if not isinstance(self.group_bytes, int) or self.group_bytes < 0:
             raise ValueError(f"NvmeConfig.group_bytes must be an integer >= 0, got {self.group_bytes!r}")
+        if not isinstance(self.expert_streaming, bool):
+            raise ValueError(f"NvmeConfig.expert_streaming must be True or False, got {self.expert_streaming!r}")
+        cache = parse_size(self.expert_cache_bytes)
+        if cache < 0:
+            raise ValueError(f"NvmeConfig.expert_cache_bytes must be a size >= 0, got {self.expert_cache_bytes!r}")
+        object.__setattr__(self, "expert_cache_bytes", cache)
         for name in ("resident_budget", "device_resident_budget"):
             value = getattr(self, name)
             if value != "auto":
@@ -96,7 +107,7 @@ def parse_size(text: str | int) -> int:
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """A config value of the field's type, from a YAML value or an environment string."""
     try:
-        if name in ("io_request_bytes", "group_bytes"):
+        if name in ("io_request_bytes", "group_bytes", "expert_cache_bytes"):
             return parse_size(value)
         if name in ("resident_budget", "device_resident_budget"):
             return "auto" if str(value).strip().lower() == "auto" else parse_size(value)
@@ -104,7 +115,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return int(value)
         if name == "lock_timeout":
             return float(value)
-        if name == "verify_on_read":
+        if name in ("verify_on_read", "expert_streaming"):
             if isinstance(value, bool):
                 return value
             if str(value).strip().lower() in {"1", "true", "yes", "on"}:

@@ -20,10 +20,12 @@ from typing import Any
 import accelerate.big_modeling
 import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_module, remove_hook_from_submodules
+from accelerate.utils import set_module_tensor_to_device
 
 from . import devicemap
 from .config import NvmeConfig, load_config
 from .devicemap import NVME
+from .experts import ExpertsHook, stream_experts
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader
 from .loading import PENDING_ATTR, current_loading, offloaded_weights
@@ -108,10 +110,13 @@ def _dispatch_nvme(
 ) -> torch.nn.Module:
     """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
     offload_buffers = accelerate_kwargs["offload_buffers"]
-    plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes)
-    manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
     execution_device = devicemap.execution_device(main_device)
-    sources = read_sources(manifest, config.verify_on_read)
+    per_expert = config.expert_streaming and execution_device.type == "cpu"  # else experts stream with their block
+    plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes, per_expert)
+    manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
+    streamed = [group.index for group in manifest.groups if not group.row_digests]  # experts groups are not streamed
+    every_source = read_sources(manifest, config.verify_on_read)
+    sources = [every_source[i] for i in streamed]
     reader = prefetcher = None
     try:
         reader = FileReader(config.direct_io, config.io_threads, config.io_request_bytes)
@@ -122,7 +127,8 @@ def _dispatch_nvme(
         keep_resident(model, plan.kept, execution_device, index, mapped)
         tensor_keys = [module_tensor(model, name) for name in plan.tensor_keys]
         model = _accelerate_dispatch(model, plan, main_device, manifest, index, accelerate_kwargs)
-        _swap_hooks(plan, prefetcher, manifest, execution_device, accelerate_kwargs["skip_keys"])
+        _swap_hooks(plan, prefetcher, manifest, execution_device, accelerate_kwargs["skip_keys"], streamed)
+        stream_experts(plan, manifest, prefetcher, config.expert_cache_bytes, config.verify_on_read)
         _put_back(tensor_keys)
     except BaseException:
         if prefetcher is not None:
@@ -170,14 +176,19 @@ def _swap_hooks(
     manifest: Manifest,
     execution_device: torch.device,
     skip_keys: str | list[str] | None,
+    streamed: list[int],
 ) -> None:
-    """Replace the hooks accelerate put on each planned entry by one ``NvmeAlignDevicesHook`` on its group."""
+    """Replace the hooks accelerate put on each planned entry by one ``NvmeAlignDevicesHook`` on its group (experts
+    entries get theirs from ``stream_experts``); ``streamed``: the manifest index of each group the prefetcher reads."""
+    position = {group: i for i, group in enumerate(streamed)}
     for (name, module), entry_plan, group in zip(plan.entries, plan.entry_plans, plan.group_of_entry, strict=True):
         prefix = f"{name}." if name else ""
         _remove_accelerate_hooks(module)
+        if name in plan.experts:
+            continue
         hook = NvmeAlignDevicesHook(
             prefetcher,
-            group,
+            position[group],
             name,
             execution_device,
             StoredWeights(manifest, prefix),
@@ -218,9 +229,12 @@ def _quiet_accelerate() -> Iterator[None]:
         accelerate_logger.removeFilter(drop)
 
 
+_NVME_HOOKS = (NvmeAlignDevicesHook, ExpertsHook)
+
+
 def _nvme_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that carry an nvme hook."""
-    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)]
+    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), _NVME_HOOKS)]
 
 
 def _prefetcher(model: torch.nn.Module) -> Prefetcher:
@@ -232,21 +246,27 @@ def _prefetcher(model: torch.nn.Module) -> Prefetcher:
 
 
 def group_files(model: torch.nn.Module) -> list[Path]:
-    """The group files ``model``'s nvme modules stream from, in group order."""
-    return [source.segments[0].path for source in _prefetcher(model).sources]
+    """The group files ``model``'s nvme modules stream from, in group order; then those of its fused MoE experts."""
+    experts = [m._hf_hook.group.path for m in _nvme_modules(model) if isinstance(m._hf_hook, ExpertsHook)]
+    return [*(source.segments[0].path for source in _prefetcher(model).sources), *experts]
 
 
 def close(model: torch.nn.Module, load_back: bool = True) -> None:
     """Stop streaming ``model``'s nvme modules: reader threads stop, files close, staging buffers are freed.
 
-    With ``load_back`` (as accelerate's ``remove_hook_from_submodules`` does for our hooks) the nvme hooks are removed
-    and their weights read back into RAM, so the model still runs; without it nothing is read and a later forward of an
-    nvme module raises. Other hooks stay; a model without nvme modules is left as it is.
+    With ``load_back`` the nvme hooks are removed and their weights read back onto the device each module computes on
+    (accelerate's ``remove_hook_from_submodules`` reads them into RAM), so the model still runs where it ran; without
+    it nothing is read and a later forward of an nvme module raises. Other hooks stay; a model without nvme modules is
+    left as it is.
     """
     modules = _nvme_modules(model)
     if load_back:
         for module in modules:
+            hook = module._hf_hook
             remove_hook_from_module(module)
+            if hook.execution_device is not None and torch.device(hook.execution_device).type != "cpu":
+                for local in hook.members:
+                    set_module_tensor_to_device(module, local, hook.execution_device)
         return
     for prefetcher in {id(m._hf_hook.prefetcher): m._hf_hook.prefetcher for m in modules}.values():
         prefetcher.close()
@@ -260,9 +280,7 @@ def stats(model: torch.nn.Module) -> NvmeStats:
     total.read_seconds = prefetcher.reader.busy_seconds
     total.seconds = sum(f.seconds for f in forwards)
     resident = [prefetcher.sources[i] for i in prefetcher.resident]
-    modules = [
-        name for name, m in model.named_modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook)
-    ]
-    return NvmeStats(
-        len(prefetcher.sources), [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total, modules
-    )
+    hooked = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "_hf_hook", None), _NVME_HOOKS)]
+    groups = len(prefetcher.sources) + sum(isinstance(m._hf_hook, ExpertsHook) for _, m in hooked)
+    modules = [name for name, _ in hooked]
+    return NvmeStats(groups, [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total, modules)

@@ -16,7 +16,8 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,11 +78,13 @@ class GroupLayout:
 
 @dataclass(frozen=True)
 class WrittenGroup:
-    """What ``write_group`` wrote: the layout, the digest of the data section and of each tensor's bytes."""
+    """What ``write_group`` wrote: the layout, the digest of the data section and of each tensor's bytes (and of each
+    row along the first dimension of the ``page_aligned`` tensors: fused experts, read one expert at a time)."""
 
     layout: GroupLayout
     data_digest: str
     tensor_digests: dict[str, str]
+    row_digests: dict[str, list[str]] = field(default_factory=dict)
 
 
 def new_digest() -> xxhash.xxh3_128:
@@ -119,7 +122,9 @@ def storage_order(tensors: dict) -> list[str]:
     return sorted(tensors, key=lambda name: -tensors[name].dtype.itemsize)
 
 
-def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, list[tuple[str, int]]]:
+def _header(
+    tensors: dict[str, torch.Tensor], order: list[str], page_aligned: Collection[str] = ()
+) -> tuple[bytes, list[tuple[str, int]]]:
     """The padded header and the on-disk sequence of ``(name, bytes)``, padding entries included."""
     meta: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "accel_nvme"}}
     sequence = []
@@ -130,7 +135,7 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, 
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
         if is_padding(name):
             raise ValueError(f"tensor {name!r} uses a name accel_nvme reserves for padding entries")
-        gap = align_up(offset, TENSOR_ALIGNMENT) - offset
+        gap = align_up(offset, ALIGNMENT if name in page_aligned else TENSOR_ALIGNMENT) - offset
         if gap:
             pad = f"__accel_nvme_pad_{len(sequence)}__"
             meta[pad] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
@@ -149,17 +154,21 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, 
     return raw + b" " * (padded - len(raw)), sequence
 
 
-def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> WrittenGroup:
+def write_group(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], page_aligned: Collection[str] = ()
+) -> WrittenGroup:
     """Write ``tensors`` as one aligned safetensors file, atomically (temporary name, fsync, rename), mode 0600.
 
-    Returns the layout and the digests of the data section and of each tensor, which readers check.
+    Returns the layout and the digests of the data section and of each tensor, which readers check. The tensors named
+    in ``page_aligned`` start on a 4096-byte boundary, and their rows along the first dimension get digests too.
     """
     path = Path(path)
     order = storage_order(tensors)
-    header, sequence = _header(tensors, order)
+    header, sequence = _header(tensors, order, page_aligned)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data_digest = new_digest()
     tensor_digests = {}
+    row_digests = {}
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with open(fd, "wb") as f:
@@ -170,6 +179,9 @@ def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Wr
                 data_digest.update(data)
                 if not is_padding(name):
                     tensor_digests[name] = digest(data)
+                if name in page_aligned:
+                    step = nbytes // max(1, tensors[name].shape[0])
+                    row_digests[name] = [digest(data[i : i + step]) for i in range(0, nbytes, step)] if step else []
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -177,7 +189,7 @@ def write_group(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Wr
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return WrittenGroup(read_layout(path), data_digest.hexdigest(), tensor_digests)
+    return WrittenGroup(read_layout(path), data_digest.hexdigest(), tensor_digests, row_digests)
 
 
 def open_regular(path: str | os.PathLike, dir_fd: int | None = None, flags: int = 0) -> int:

@@ -249,7 +249,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
 
 def _views_staging(tensor: torch.Tensor, staging: frozenset[int]) -> bool:
     return (
-        tensor.device.type == "cpu"
+        tensor.device.type != "meta"  # host staging buffers, or the device buffers of the CUDA ring
         and tensor.layout == torch.strided
         and tensor.untyped_storage().data_ptr() in staging
     )

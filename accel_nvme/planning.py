@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .devicemap import NVME, device_of
+from .experts import mark_experts, split_experts
 from .format import ALIGNMENT, align_up
 from .io import Segment
 from .prefetch import Checksum, GroupSource, TensorView
@@ -32,6 +33,7 @@ class DispatchPlan:
     placed: list[str]  # modules mapped as nvme for accelerate that store nothing of their own
     device_map: dict[str, Any]  # the map dispatched: entries and placed as "nvme", kept on the main device
     tensor_keys: list[str]  # keys of the given device_map that name a parameter or buffer, not a module
+    experts: frozenset[str] = frozenset()  # entries that are fused MoE experts, read one expert at a time
 
 
 def plan_dispatch(
@@ -42,20 +44,28 @@ def plan_dispatch(
     mapped: Mapping[str, torch.Tensor],
     offload_buffers: bool,
     group_bytes: int,
+    experts: bool = False,
 ) -> DispatchPlan:
-    """The plan of ``model``'s ``"nvme"`` entries: expand them into blocks, plan each block's tensors, merge groups."""
+    """The plan of ``model``'s ``"nvme"`` entries: expand them into blocks, plan each block's tensors, merge groups.
+
+    With ``experts``, fused MoE experts modules inside the blocks become entries of their own (``experts.py``).
+    """
     modules = dict(model.named_modules(remove_duplicate=False))
     nvme = [name for name, device in device_map.items() if device == NVME]
     module_entries = [name for name in nvme if name in modules]
     entries, kept, placed = expand_entries(model, module_entries, no_split_classes(model), offload_buffers)
+    entries, expert_entries = split_experts(entries) if experts else (entries, set())
     kept += [name for name in nvme if name not in modules]
     tensor_keys = [name for name in device_map if name not in modules]
     entry_plans = plan_groups(model, entries, placed, offload_buffers, main_device, index, mapped, device_map)
+    mark_experts([name for name, _ in entries], entry_plans, expert_entries)
     groups, group_of_entry = merge_groups(entry_plans, group_bytes)
     planned = {name: device for name, device in device_map.items() if device != NVME}
     planned.update(dict.fromkeys([*(name for name, _ in entries), *placed], NVME))
     planned.update(dict.fromkeys(kept, main_device))
-    return DispatchPlan(entries, entry_plans, groups, group_of_entry, kept, placed, planned, tensor_keys)
+    return DispatchPlan(
+        entries, entry_plans, groups, group_of_entry, kept, placed, planned, tensor_keys, frozenset(expert_entries)
+    )
 
 
 def _is_called(module: torch.nn.Module) -> bool:
@@ -166,13 +176,15 @@ def plan_groups(
             resident[id(tensor)] = name
     owners: dict[int, str] = {}
     plans = []
+    entry_prefixes = [f"{name}." if name else "" for name, _ in groups]
     for name, module in groups:
         prefix = f"{name}." if name else ""
+        inner = tuple(p for p in entry_prefixes if p != prefix and p.startswith(prefix))  # entries of their own
         plan = GroupPlan(name, {})
         persistent = dict(named_tensors(module, include_buffers=offload_buffers, persistent_only=True))
         for local, tensor in persistent.items():
             full = prefix + local
-            if device_of(full, device_map) != NVME:
+            if device_of(full, device_map) != NVME or full.startswith(inner):
                 continue
             if id(tensor) in resident:
                 owner = resident[id(tensor)]
@@ -217,7 +229,7 @@ def merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan], 
     size = 0
     for plan in plans:
         nbytes = plan.nbytes
-        if merged and budget and size + nbytes <= budget:
+        if merged and budget and size + nbytes <= budget and not plan.experts and not merged[-1].experts:
             last = merged[-1]
             merged[-1] = GroupPlan(
                 f"{last.name}+{plan.name}", {**last.tensors, **plan.tensors}, {**last.members, **plan.members}

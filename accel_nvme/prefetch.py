@@ -3,8 +3,9 @@
 Groups are read ``depth`` ahead of the one in use, in the order the successor schedule (``schedule.py``) learned, into
 the buffers of a pool (``staging.py``) by the reader (``io.py``). A released group keeps its buffer until another
 group is acquired, so the modules of one group (or a module called twice) reuse it without a second read. On CUDA the
-I/O thread that completes a read also starts the host-to-device copy (``transfer.py``) and waits for it before the
-buffer can be refilled. ``acquire`` hands out a ``Lease``: the group's tensors, until its ``release``.
+I/O thread that completes a read also queues the copy into the slot's device buffer (``transfer.py``), marks the group
+ready, and waits for the copy before the staging buffer can be refilled; groups resident in RAM take slots too (their
+copy needs no read). ``acquire`` hands out a ``Lease``: the group's tensors, until its ``release``.
 
 State survives interruptions (Ctrl-C at any moment of a forward): a group's holders are a set, so releasing twice is
 harmless; a buffer is free when no registered slot owns it, so none is ever lost; and ``recover`` clears what an
@@ -32,7 +33,16 @@ from .io import FileReader, Segment
 from .schedule import SuccessorSchedule
 from .staging import BufferPool, StagingBuffer
 from .stats import ForwardRecorder, ForwardStats
-from .transfer import copy_to_device, hand_to_compute
+from .transfer import (
+    CudaRuntime,
+    DeviceLayout,
+    DeviceRing,
+    StallMeter,
+    copy_whole,
+    device_layout,
+    hand_to_compute,
+    mark,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +98,16 @@ class _Slot:
     copied: torch.cuda.Event | None = None
     holders: set[Hashable] = field(default_factory=set)
     started: float = field(default_factory=time.perf_counter)
+    entry: int | None = None  # CUDA: the device buffer of the ring it is copied into
+    layout: DeviceLayout | None = None
+    from_ram: bool = False  # CUDA: a group resident in RAM, copied without a read
 
 
-def _views(source: GroupSource, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The member tensors of a group, as zero-copy views of the bytes ``data`` holds for it."""
-    return {v.name: data[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape) for v in source.views}
+def _views(source: GroupSource, data: torch.Tensor, offsets: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The member tensors of a group, as zero-copy views of the bytes ``data`` holds for it (at ``offsets`` if given,
+    else at their offsets in the file)."""
+    at = offsets or [v.offset for v in source.views]
+    return {v.name: data[o : o + v.nbytes].view(v.dtype).view(v.shape) for v, o in zip(source.views, at, strict=True)}
 
 
 class Lease:
@@ -132,7 +147,8 @@ class Prefetcher:
     buffers, or device copies on CUDA.
 
     One per dispatched model; ``forward_lock`` (reentrant) is the model's: its hooks hold it around each forward.
-    One condition guards the slots; the schedule, the pool and the stats recorder are called under it.
+    One condition guards the slots; the schedule, the pool and the stats recorder are called under it. ``runtime``:
+    the CUDA calls of the device path (by default the real ones, for a CUDA device; tests give a fake on the CPU).
     """
 
     def __init__(
@@ -142,6 +158,7 @@ class Prefetcher:
         reader: FileReader,
         depth: int = 2,
         resident: dict[int, str] | None = None,
+        runtime: CudaRuntime | None = None,
     ):
         self.sources = sources
         self.device = device
@@ -152,10 +169,12 @@ class Prefetcher:
         self._schedule = SuccessorSchedule(len(sources))
         self._slots: dict[int, _Slot] = {}
         self._max_slots = depth + 1
-        self._cuda = device.type == "cuda"
-        self._side_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._runtime = runtime or (CudaRuntime() if device.type == "cuda" else None)
+        self._cuda = self._runtime is not None  # the device path: side stream, device ring (faked on the CPU in tests)
+        self._pin = device if device.type == "cuda" else None
+        self._side_stream = self._runtime.stream(device) if self._cuda else None
         largest = max((s.nbytes for s in sources), default=0)
-        self.pool = BufferPool(min(self._max_slots, max(1, len(sources))), largest, device if self._cuda else None)
+        self.pool = BufferPool(min(self._max_slots, max(1, len(sources))), largest, self._pin)
         self._staging = frozenset() if self._cuda else self.pool.pointers  # what a lease's tensors may view
         self._lock = threading.RLock()  # entered with C-level ``with`` only: an interrupt cannot leave it held
         self._cond = threading.Condition(self._lock)
@@ -164,6 +183,11 @@ class Prefetcher:
         self._closed = False
         self._attached = 0
         self._resident: dict[int, _Slot] = {}
+        self._kept: set[int] = set()  # groups served without a slot: resident on the CPU, or kept on the device
+        self._layouts = [device_layout([(v.offset, v.nbytes) for v in s.views]) for s in sources] if self._cuda else []
+        self._meter = StallMeter()
+        self._ring: DeviceRing | None = None
+        self._copying: dict[int, _Slot] = {}  # CUDA: slots whose staging buffer a queued copy still reads
         self._verified: set[int] = set()
         self._requests: queue.SimpleQueue[tuple[int, _Slot] | None] = queue.SimpleQueue()
         self._scheduler: threading.Thread | None = None
@@ -171,7 +195,12 @@ class Prefetcher:
         _LIVE.add(self)
         try:
             for index, where in (resident or {}).items():
-                self._resident[index] = self._load_resident(sources[index], on_device=where == "device")
+                self._resident[index] = self._load_resident(index, on_device=where == "device")
+            self._kept = {i for i, slot in self._resident.items() if not self._cuda or slot.device_data is not None}
+            through = [i for i in range(len(sources)) if i not in self._kept]
+            if self._cuda and through:
+                ring_bytes = max(self._layouts[i].nbytes for i in through)
+                self._ring = DeviceRing(min(self._max_slots, len(through)), ring_bytes, device, self._runtime)
         except BaseException:
             self.close()
             raise
@@ -195,33 +224,28 @@ class Prefetcher:
         """The resident groups kept on the execution device only (their host copy freed)."""
         return sorted(i for i, slot in self._resident.items() if slot.device_data is not None)
 
+    def device_buffer_bytes(self) -> int:
+        """Device memory the ring of streamed groups holds (0 on the CPU, or when nothing goes through it)."""
+        return 0 if self._ring is None else self._ring.nbytes
+
     def buffers_in_use(self) -> list[StagingBuffer]:
         """The staging buffers slots read into or hand out now; every one belongs to ``pool``."""
         with self._lock:
             return [slot.buffer for slot in self._slots.values() if slot.buffer is not None]
 
-    def _load_resident(self, source: GroupSource, on_device: bool) -> _Slot:
+    def _load_resident(self, index: int, on_device: bool) -> _Slot:
         """Read a resident group once into its own buffer (and, for ``on_device``, keep only its device copy)."""
-        slot = _Slot(source, StagingBuffer(source.nbytes, self.device if self._cuda else None))
+        source = self.sources[index]
+        slot = _Slot(source, StagingBuffer(source.nbytes, self._pin))
         for future in self.reader.submit(list(source.segments), slot.buffer):
             future.result()
         self._verify(slot)
         if on_device:
-            with torch.cuda.device(self.device):
-                slot.device_data = slot.buffer.tensor[: source.nbytes].to(self.device)
+            slot.device_data = copy_whole(slot.buffer.tensor, self._layouts[index], self.device, self._runtime)
             slot.buffer.close()
             slot.buffer = None
         slot.done.set()
         return slot
-
-    def _resident_data(self, slot: _Slot) -> torch.Tensor:
-        """A resident group's bytes where its modules run: kept on the device, copied there now, or in RAM (CPU)."""
-        if slot.device_data is not None:
-            return slot.device_data
-        if self._cuda:
-            data, copied = copy_to_device(slot.buffer.tensor[: slot.source.nbytes], self.device, self._side_stream)
-            return hand_to_compute(data, copied, self.device)
-        return slot.buffer.tensor
 
     def acquire(self, index: int, caller: Hashable | None = None) -> Lease:
         """The tensors of group ``index`` on the execution device, ready for the compute stream, leased to ``caller``.
@@ -231,15 +255,20 @@ class Prefetcher:
         if self._forked_from is not None or self._closed:
             raise self._unusable(index)
         caller = index if caller is None else caller
-        resident = self._resident.get(index)
-        if resident is not None:
+        if index in self._kept:
+            resident = self._resident[index]
             with self._lock:
                 self._recorder.asked(caller)
                 self._schedule.learn(index)
                 self._top_up(index)
-            data = self._resident_data(resident)
-            return Lease(_views(resident.source, data), self._cuda, self._staging, self, index, caller)
+            if resident.device_data is not None:
+                tensors = _views(resident.source, resident.device_data, self._layouts[index].offsets)
+            else:
+                tensors = _views(resident.source, resident.buffer.tensor)
+            return Lease(tensors, self._cuda, self._staging, self, index, caller)
         with self._lock:
+            if self._cuda:
+                self.stats.stall_seconds += self._meter.collect()
             self._recorder.asked(caller)
             self._schedule.learn(index)
             slot = self._slots.get(index)
@@ -247,12 +276,14 @@ class Prefetcher:
                 slot = self._start_now(index)
             slot.holders.add(caller)
             self._top_up(index)
+        asked = mark(self.device, self._runtime) if self._cuda else None  # GPU idle time runs from here
         try:
             if not slot.done.is_set():
                 waited = time.perf_counter()
                 with self._lock:  # not ``Event.wait``: interrupted, its own lock could stay held and stall the reader
                     self._cond.wait_for(slot.done.is_set)
-                    self.stats.stall_seconds += time.perf_counter() - waited
+                    if not self._cuda:  # on CUDA: the GPU's idle time, measured by the meter
+                        self.stats.stall_seconds += time.perf_counter() - waited
             if slot.error is not None:
                 raise slot.error
         except BaseException:
@@ -261,8 +292,10 @@ class Prefetcher:
                 if slot.error is not None and not slot.holders and self._slots.get(index) is slot:
                     self._drop(index)
             raise
-        data = hand_to_compute(slot.device_data, slot.copied, self.device) if self._cuda else slot.buffer.tensor
-        return Lease(_views(slot.source, data), self._cuda, self._staging, self, index, caller)
+        if not self._cuda:
+            return Lease(_views(slot.source, slot.buffer.tensor), False, self._staging, self, index, caller)
+        data = hand_to_compute(slot.device_data, slot.copied, self.device, self._meter, self._runtime, asked)
+        return Lease(_views(slot.source, data, slot.layout.offsets), False, self._ring.pointers, self, index, caller)
 
     def _unusable(self, index: int) -> RuntimeError:
         """Why group ``index`` cannot be acquired: set up before a fork with CUDA, or closed."""
@@ -304,35 +337,46 @@ class Prefetcher:
             logger.info("%d nvme group holder(s) left by an interrupted forward were released", len(leaked))
         return leaked
 
+    def record_experts(self, nbytes: int, hits: int, misses: int) -> None:
+        """Count expert rows read outside the group stream (``experts.py``) in the forward in progress."""
+        with self._lock:
+            self._recorder.experts(nbytes, hits, misses)
+
     def forward_stats(self) -> list[ForwardStats]:
         """The last forwards (up to 64), oldest first; the one in progress, if any, last."""
         with self._lock:
+            if self._cuda:
+                self.stats.stall_seconds += self._meter.collect()
             return self._recorder.forwards()
 
     def _top_up(self, index: int) -> None:
-        wanted = self._schedule.upcoming(index, self.depth, skip=self._resident)
+        wanted = self._schedule.upcoming(index, self.depth, skip=self._kept)
         for other, slot in list(self._slots.items()):
             if other != index and not slot.holders and other not in wanted and slot.done.is_set():
                 self._drop(other)
         for group in wanted:
             if group not in self._slots and len(self._slots) < self._max_slots:
-                buffer = self._free_buffer()
+                buffer = self._free_buffer(group)
                 if buffer is None:
                     break
                 self._start(group, buffer)
 
-    def _free_buffer(self) -> StagingBuffer | None:
-        """A staging buffer no registered slot owns."""
-        return self.pool.free(slot.buffer for slot in self._slots.values())
+    def _free_buffer(self, index: int) -> StagingBuffer | None:
+        """The buffer group ``index`` is read into: a staging buffer no slot owns (nor a copy still reads), or, on CUDA,
+        the group's own buffer when it is resident in RAM."""
+        if index in self._resident:
+            return self._resident[index].buffer
+        return self.pool.free(slot.buffer for slot in [*self._slots.values(), *self._copying.values()])
 
     def _start_now(self, index: int) -> _Slot:
         while True:
-            buffer = self._free_buffer() if len(self._slots) < self._max_slots else None
+            buffer = self._free_buffer(index) if len(self._slots) < self._max_slots else None
             if buffer is not None:
                 return self._start(index, buffer)
             idle = [i for i, s in self._slots.items() if not s.holders]
             if not idle:
-                if len(self._slots) >= self._max_slots or all(s.done.is_set() for s in self._slots.values()):
+                waiting = self._copying or not all(s.done.is_set() for s in self._slots.values())
+                if len(self._slots) >= self._max_slots or not waiting:
                     raise RuntimeError(
                         f"{len(self._slots)} nvme groups are in use at once, more than prefetch_depth + 1 = "
                         f"{self._max_slots}; raise prefetch_depth"
@@ -355,7 +399,10 @@ class Prefetcher:
         """
         if self._closed:
             raise RuntimeError("the prefetcher was closed (its hooks were removed)")
-        slot = _Slot(self.sources[index], buffer)
+        slot = _Slot(self.sources[index], buffer, from_ram=index in self._resident)
+        if self._ring is not None:
+            slot.entry = self._ring.free(s.entry for s in self._slots.values())
+            slot.layout = self._layouts[index]
         self._requests.put((index, slot))
         self._slots[index] = slot
         return slot
@@ -373,14 +420,14 @@ class Prefetcher:
             if self._closed or self._slots.get(index) is not slot:
                 return
             try:
-                futures = self.reader.submit(list(slot.source.segments), slot.buffer)
+                futures = [] if slot.from_ram else self.reader.submit(list(slot.source.segments), slot.buffer)
             except BaseException as e:
                 slot.error = e
                 futures = []
             slot.pending = len(futures)
-            this = weakref.ref(self)  # reads in flight do not keep a dropped model's prefetcher alive
-            for future in futures:
-                future.add_done_callback(lambda f, s=slot: _read_done(this, s, f))
+        this = weakref.ref(self)  # reads in flight do not keep a dropped model's prefetcher alive
+        for future in futures:  # outside the lock: a read already done runs its callback (digest, copy) right here
+            future.add_done_callback(lambda f, s=slot: _read_done(this, s, f))
         if not futures:
             self._finish(slot)
 
@@ -407,7 +454,8 @@ class Prefetcher:
     def _finish(self, slot: _Slot) -> None:
         try:
             if slot.error is None:
-                self._verify(slot)
+                if not slot.from_ram:
+                    self._verify(slot)
                 if self._cuda:
                     self._copy_to_device(slot)
         except BaseException as e:
@@ -416,6 +464,8 @@ class Prefetcher:
             with self._lock:
                 slot.done.set()
                 self._cond.notify_all()
+            if id(slot) in self._copying:
+                self._give_back(slot)
 
     def _verify(self, slot: _Slot) -> None:
         source = slot.source
@@ -431,18 +481,33 @@ class Prefetcher:
         self._verified.add(id(source))
 
     def _copy_to_device(self, slot: _Slot) -> None:
-        """On an I/O thread: copy the slot's bytes to the device and give its staging buffer back once they are."""
-        host = slot.buffer.tensor[: slot.source.nbytes]
-        slot.device_data, slot.copied = copy_to_device(host, self.device, self._side_stream)
-        slot.copied.synchronize()  # the buffer may be refilled only after the copy has read it
-        with self._lock:
-            slot.buffer = None
-            self._cond.notify_all()
+        """On an I/O thread: queue the copy of the slot's bytes into its device buffer (the group is ready for compute
+        once queued: compute waits for the copy's event); the staging buffer stays owned until ``_give_back``."""
+        if not slot.from_ram:  # a resident group's buffer is never refilled: nothing to give back
+            with self._lock:
+                self._copying[id(slot)] = slot
+        slot.device_data, slot.copied = self._ring.fill(slot.entry, slot.buffer.tensor, slot.layout, self._side_stream)
+        if slot.from_ram:
+            slot.buffer = None  # the resident group keeps its buffer; this slot owns none of the pool's
+
+    def _give_back(self, slot: _Slot) -> None:
+        """On an I/O thread: wait for the copy to have read the staging buffer, then let it be refilled."""
+        try:
+            if slot.copied is not None:
+                slot.copied.synchronize()
+        finally:
+            with self._lock:
+                del self._copying[id(slot)]
+                slot.buffer = None
+                self._cond.notify_all()
 
     def _drop(self, index: int) -> None:
         slot = self._slots.pop(index)
+        if slot.entry is not None:  # on the compute thread: its buffer is refilled after the work queued so far
+            self._ring.consumed(slot.entry)
         slot.device_data = None
-        slot.buffer = None
+        if id(slot) not in self._copying:
+            slot.buffer = None
         self._cond.notify_all()
 
     def close(self) -> None:
@@ -457,6 +522,10 @@ class Prefetcher:
         if self._scheduler is not None and self._scheduler is not threading.current_thread():
             self._scheduler.join()
         self.reader.close()
+        if self._cuda and self._forked_from is None:  # no copy may still read a buffer unmapped below
+            self._runtime.synchronize(self.device)
+        if self._ring is not None:
+            self._ring.close()
         self.pool.close()
         for slot in self._resident.values():
             if slot.buffer is not None:

@@ -22,7 +22,10 @@ class ForwardStats:
     """What one forward (or all of them) asked of the stream.
 
     ``seconds``: wall time from the forward's first group to its last release; ``read_seconds``: time at least one
-    read was in flight; ``stall_seconds``: time the compute thread waited for a group.
+    read was in flight; ``stall_seconds``: time the compute waited for a group (CPU: the thread; CUDA: the GPU, from
+    when the group was asked for to when its copy was done, timed with events, counted once they completed). Fused
+    MoE experts are read one expert at a time (``experts.py``): ``expert_bytes_read`` (counted in ``bytes_read``
+    too), and the routed experts found in the expert cache (``expert_cache_hits``) or read (``expert_cache_misses``).
     """
 
     seconds: float = 0.0
@@ -30,6 +33,15 @@ class ForwardStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     stall_seconds: float = 0.0
+    expert_bytes_read: int = 0
+    expert_cache_hits: int = 0
+    expert_cache_misses: int = 0
+
+    @property
+    def expert_cache_hit_rate(self) -> float:
+        """Share of the routed experts that were already in the expert cache (0.0 when no expert was routed)."""
+        routed = self.expert_cache_hits + self.expert_cache_misses
+        return self.expert_cache_hits / routed if routed else 0.0
 
     @property
     def gb_per_s(self) -> float:
@@ -80,6 +92,13 @@ class ForwardRecorder:
         self.totals.groups_read += 1
         self.totals.bytes_read += nbytes
 
+    def experts(self, nbytes: int, hits: int, misses: int) -> None:
+        """Expert rows of ``nbytes`` were read for a fused experts module whose routed experts were ``hits`` cached."""
+        self.totals.bytes_read += nbytes
+        self.totals.expert_bytes_read += nbytes
+        self.totals.expert_cache_hits += hits
+        self.totals.expert_cache_misses += misses
+
     def forget_forward_in_progress(self) -> None:
         """A forked child: the callers of the parent's forward in progress never ask here."""
         self._seen.clear()
@@ -98,6 +117,9 @@ class ForwardRecorder:
         record.bytes_read = self.totals.bytes_read
         record.read_seconds = self.reader.busy_seconds
         record.stall_seconds = self.totals.stall_seconds
+        record.expert_bytes_read = self.totals.expert_bytes_read
+        record.expert_cache_hits = self.totals.expert_cache_hits
+        record.expert_cache_misses = self.totals.expert_cache_misses
         return record
 
     def _since_start(self, record: ForwardStats) -> ForwardStats:
@@ -108,6 +130,9 @@ class ForwardRecorder:
         record.bytes_read -= start.bytes_read
         record.read_seconds -= start.read_seconds
         record.stall_seconds -= start.stall_seconds
+        record.expert_bytes_read -= start.expert_bytes_read
+        record.expert_cache_hits -= start.expert_cache_hits
+        record.expert_cache_misses -= start.expert_cache_misses
         return record
 
 
@@ -130,7 +155,8 @@ class NvmeStats:
         """Plain data, GB/s and overlap included (for JSON and logging)."""
 
         def row(r: ForwardStats) -> dict[str, Any]:
-            return {**vars(r), "gb_per_s": r.gb_per_s, "overlap": r.overlap}
+            hit_rate = r.expert_cache_hit_rate
+            return {**vars(r), "gb_per_s": r.gb_per_s, "overlap": r.overlap, "expert_cache_hit_rate": hit_rate}
 
         return {
             "groups": self.groups,

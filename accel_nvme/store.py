@@ -131,11 +131,15 @@ def _safetensors_header(path: str, file_id: tuple) -> dict:
 
 @dataclass
 class GroupPlan:
-    """What one group must hold: tensors it stores, and every member name mapped to its canonical tensor name."""
+    """What one group must hold: tensors it stores, and every member name mapped to its canonical tensor name.
+
+    ``experts``: the fused expert tensors among them, stored page-aligned with a digest per expert (``experts.py``).
+    """
 
     name: str
     tensors: dict[str, torch.Tensor | CheckpointTensor]
     members: dict[str, str] = field(default_factory=dict)
+    experts: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -156,6 +160,7 @@ class StoredGroup:
     entries: tuple[TensorEntry, ...]
     members: dict[str, str]
     tensor_digests: dict[str, str]
+    row_digests: dict[str, list[str]] = field(default_factory=dict)  # per expert, for fused expert tensors
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,7 @@ def fingerprint(plans: list[GroupPlan], identities: list[str]) -> str:
         "version": FORMAT_VERSION,
         "groups": [
             {"name": plan.name, "tensors": _plan_spec(plan), "members": sorted(plan.members.items()), "identity": i}
+            | ({"experts": list(plan.experts)} if plan.experts else {})
             for plan, i in zip(plans, identities, strict=True)
         ],
     }
@@ -391,7 +397,12 @@ def _check_holds(manifest: Manifest, plans: list[GroupPlan], fp: str) -> None:
         raise StoreError(f"{where}: lists {len(manifest.groups)} groups, expected {len(plans)}")
     for group, plan in zip(manifest.groups, plans, strict=True):
         stored = sorted([e.name, DTYPE_TO_SAFETENSORS[e.dtype], list(e.shape)] for e in group.entries)
-        if group.name != plan.name or group.members != plan.members or stored != sorted(_plan_spec(plan)):
+        if (
+            group.name != plan.name
+            or group.members != plan.members
+            or stored != sorted(_plan_spec(plan))
+            or sorted(group.row_digests) != sorted(plan.experts)
+        ):
             raise StoreError(f"{group.path}: does not hold group {plan.name!r} as planned")
 
 
@@ -406,7 +417,7 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
         ):
             file_name = f"group-{index:05d}.safetensors"
             tensors = {n: t.load() if isinstance(t, CheckpointTensor) else t for n, t in plan.tensors.items()}
-            written = write_group(tmp / file_name, tensors)
+            written = write_group(tmp / file_name, tensors, plan.experts)
             del tensors
             groups.append(
                 {
@@ -419,6 +430,7 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
                     "tensors": written.tensor_digests,
                     "members": plan.members,
                 }
+                | ({"rows": written.row_digests} if plan.experts else {})
             )
         manifest = {"format": "accel_nvme", "version": FORMAT_VERSION, "digest_algorithm": DIGEST_NAME}
         manifest.update(fingerprint=fp, groups=groups)
@@ -540,6 +552,16 @@ def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[s
         )
     if sorted(e.name for e in layout.entries) != sorted(g["tensors"]) or not isinstance(g.get("data_digest"), str):
         raise GroupFileError(f"{path}: tensors differ from those {folder / MANIFEST_NAME} lists; {CLEAN_ADVICE}")
+    rows = g.get("rows", {})
+    shapes = {e.name: e.shape for e in layout.entries}
+    if not isinstance(rows, dict) or any(
+        name not in shapes
+        or not isinstance(d, list)
+        or shapes[name][:1] != (len(d),)
+        or not all(isinstance(x, str) for x in d)
+        for name, d in rows.items()
+    ):
+        raise StoreError(f"{where}: rows must give one digest per expert of a stored tensor; {CLEAN_ADVICE}")
     return StoredGroup(
         index,
         name,
@@ -550,6 +572,7 @@ def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[s
         layout.entries,
         g["members"],
         g["tensors"],
+        rows,
     )
 
 

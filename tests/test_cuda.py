@@ -72,26 +72,90 @@ def test_cuda_outputs_equal_no_offload_with_wrap_around(offload_dir, dtype, devi
     assert all(buffer.pinned for buffer in prefetcher.pool.buffers)
 
 
-def test_cuda_device_memory_is_bounded_by_depth(offload_dir):
-    device_map = {"embed": 0, "body.layers": "nvme", "body.final": 0, "head": 0}
-    model = accel_nvme.dispatch_model(
-        tiny_lm(width=256, depth=8),
-        device_map,
-        offload_dir=offload_dir,
-        main_device=0,
-        config=NvmeConfig(prefetch_depth=2),
-    )
+def nvme_prefetcher(model):
+    return next(hook.prefetcher for hook in nvme_hooks(model))
+
+
+@pytest.mark.parametrize("resident_budget", [0, 4 * (17 << 20)], ids=["streamed", "half_resident_in_ram"])
+@pytest.mark.parametrize("spin", [0, 5_000_000], ids=["prompt", "gpu_behind"])
+def test_cuda_device_memory_is_bounded_by_depth(offload_dir, resident_budget, spin):
+    # 8 layers of 16 MB (fp32, width 1024): the stream must hold 3 device buffers (depth 2 + 1), never 8 layers
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    device_map = {"embed": 0, "body.layers": "nvme", "body.final": 0, "head": 0}
+    config = NvmeConfig(prefetch_depth=2, resident_budget=resident_budget)
+    model = accel_nvme.dispatch_model(
+        tiny_lm(width=1024, depth=8), device_map, offload_dir=offload_dir, main_device=0, config=config
+    )
+    prefetcher = nvme_prefetcher(model)
+    if resident_budget:
+        assert len(prefetcher.resident) == 4 and prefetcher.resident_on_device() == []
+    handles = [layer.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(spin)) for layer in model.body.layers]
+    layer_bytes = sum(p.nbytes for p in tiny_lm(width=1024, depth=8).body.layers[0].parameters())  # buffers stay
+    kept = sum(p.nbytes for name, p in model.named_parameters() if not name.startswith("body.layers"))
+    assert 3 * layer_bytes <= prefetcher.device_buffer_bytes() <= 3 * (layer_bytes + (16 << 10))
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        outputs = [model(ids().to("cuda:0")) for _ in range(3)]  # no synchronize: the CPU may run ahead
+    torch.cuda.synchronize()
+    for handle in handles:
+        handle.remove()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= kept + prefetcher.device_buffer_bytes() + (4 << 20), (peak, prefetcher.device_buffer_bytes())
+    assert 8 * layer_bytes > kept + prefetcher.device_buffer_bytes() + (4 << 20)  # the bound could fail
+    expected = tiny_lm(width=1024, depth=8).to("cuda:0")
+    with torch.inference_mode():
+        assert all(torch.equal(output, expected(ids().to("cuda:0"))) for output in outputs)
+
+
+def test_every_streamed_tensor_on_the_device_is_aligned_to_256_bytes(offload_dir):
+    from torch.overrides import TorchFunctionMode
+
+    model = accel_nvme.dispatch_model(
+        tiny_lm(torch.bfloat16), {"": "nvme"}, offload_dir=offload_dir, main_device=0, config=NvmeConfig()
+    )
+    seen = []
+
+    class Record(TorchFunctionMode):  # every weight a kernel gets, as it gets it (inside the hooks)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for arg in [*args, *(kwargs or {}).values()]:
+                if isinstance(arg, torch.nn.Parameter):
+                    seen.append((arg.device.type, arg.data_ptr() % 256))
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Record():
+        model(ids().to("cuda:0"))
+    assert len(seen) >= 10 and all(where == ("cuda", 0) for where in seen), seen
+
+
+def test_close_after_a_cuda_forward_loads_back_to_the_gpu(offload_dir):
+    with torch.inference_mode():
+        expected = tiny_lm().to("cuda:0")(ids().to("cuda:0"))
+    model = accel_nvme.dispatch_model(tiny_lm(), {"": "nvme"}, offload_dir=offload_dir, main_device=0)
+    with torch.inference_mode():
+        assert torch.equal(model(ids().to("cuda:0")), expected)
+        accel_nvme.close(model)
+        assert all(p.device == torch.device("cuda", 0) for p in model.parameters())
+        assert torch.equal(model(ids().to("cuda:0")), expected)
+
+
+def test_stats_on_cuda_count_gpu_idle_time_waiting_for_copies(offload_dir):
+    model = accel_nvme.dispatch_model(
+        tiny_lm(width=1024, depth=4), {"": "nvme"}, offload_dir=offload_dir, main_device=0
+    )
+    prefetcher = nvme_prefetcher(model)
+    copy = prefetcher._copy_to_device
+
+    def slow_copy(slot):
+        with torch.cuda.stream(prefetcher._side_stream):
+            torch.cuda._sleep(20_000_000)
+        return copy(slot)
+
+    prefetcher._copy_to_device = slow_copy
     with torch.inference_mode():
         model(ids().to("cuda:0"))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        for _ in range(3):
-            model(ids().to("cuda:0"))
-        torch.cuda.synchronize()
-    layer_bytes = sum(p.numel() * p.element_size() for p in tiny_lm(width=256, depth=8).body.layers[0].parameters())
-    assert torch.cuda.max_memory_allocated() - start < 4 * layer_bytes + (16 << 20)
+    torch.cuda.synchronize()
+    assert accel_nvme.stats(model).total.stall_seconds > 0.005
 
 
 # ---------------------------------------------------------------- placement on the GPU (issue 11)
@@ -203,7 +267,7 @@ def test_auto_device_map_fills_the_gpu_then_the_cpu_then_streams_on_the_first_gp
             assert torch.equal(loaded(ids.to("cuda:0")).logits.cpu(), expected)
 
 
-def test_stream_ordering_under_slow_reads_and_queued_compute(tmp_path):
+def test_stream_ordering_under_slow_copies_and_slow_compute_with_negative_controls(tmp_path):
     check = load_gpu_check()
     bench = sys.modules["gpu_bench"]
     settings = bench.Settings(
@@ -218,6 +282,11 @@ def test_stream_ordering_under_slow_reads_and_queued_compute(tmp_path):
         prefetch_depth=1,
     )
     result = check.ordering_check(settings, read_delay=0.02)
-    assert result["exact"], result
-    assert result["stall_s"] > 0 and result["spin_cycles"] > 0
-    assert result["host_resident_groups"] == 2 and result["groups_read"] >= 2  # 4 blocks: 2 resident, 2 streamed
+    for phase in ("copies", "compute"):
+        run = result[phase]
+        assert run["exact"], run
+        assert run["host_resident_groups"] == 2 and run["groups_read"] >= 2  # 4 blocks: 2 resident, 2 streamed
+        assert run["vram_extra_bytes"] <= run["ring_bytes"] * 1.25 + result["activation_bytes"], run
+    assert result["copies"]["stall_s"] > 0  # the GPU waited for copies: their events were waited on
+    assert not result["without_wait_event"]["exact"], "removing the wait on copies must break the outputs"
+    assert not result["without_consumed"]["exact"], "removing the ring's wait on compute must break the outputs"

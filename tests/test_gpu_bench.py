@@ -3,8 +3,11 @@
 import importlib.util
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +53,12 @@ def check_report(report: dict, stdout: str) -> dict:
     assert not report["failed"]
     for text in ("mode", "step s (median)", "vs no_offload", "vs diffusers_stream", "exact", "peak GPU GB"):
         assert text in stdout.splitlines()[2]
-    for text in ("no_offload ", "nvme (cold) ", "nvme (warm) ", "target nvme (cold) / diffusers_stream <= 1.05"):
+    for text in (
+        "no_offload ",
+        "nvme (cold) ",
+        "nvme (warm) ",
+        "target nvme (cold) / max(drive floor, no_offload) <= 1.10",
+    ):
         assert text in stdout
     assert "target accel_nvme side-stream H2D >= 80% of plain pinned copy" in stdout
     assert "WARNING" not in stdout
@@ -124,10 +132,14 @@ def test_report_with_gpu_figures_formats_targets():
         },
     }
     report["targets"] = bench.targets(report)
-    assert report["targets"]["nvme_vs_diffusers_stream"]["pass"] is False  # 1.10 > 1.05
+    assert report["targets"]["nvme_vs_floor"]["pass"] is False  # 2.2 s against a floor of 8 GB / 6 GB/s = 1.33 s
+    assert report["targets"]["nvme_vs_diffusers_stream"]["pass"] is None  # information only
     assert report["targets"]["side_stream_vs_plain_pinned"]["pass"] is True
     text = bench.format_report(report)
-    assert "target nvme (cold) / diffusers_stream <= 1.05: 1.100 -> FAIL" in text
+    assert "target nvme (cold) / max(drive floor, no_offload) <= 1.10: 1.650 -> FAIL" in text
+    assert "info nvme (cold) / diffusers_stream (pinned RAM, no drive): 1.100" in text
+    report["modes"]["nvme"]["raw_read"]["gb_per_s"] = 3.9  # the drive's floor: 2.05 s
+    assert bench.targets(report)["nvme_vs_floor"]["pass"] is True
     assert "of plain pinned copy: 90.0% -> PASS" in text
     assert "plain pinned 50.00 GB/s" in text and "accel_nvme side stream 45.00 GB/s" in text
     assert "nvme (warm)" in text and "1.00x" in text
@@ -203,13 +215,20 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert tests["skipped"] == tests["tests"]
     check_report(report["bench"], result.stdout.split("\n\n", 1)[1])
     ordering = report["ordering"]
-    assert ordering["exact"] is True and ordering["forwards"] == 3 and ordering["stall_s"] > 0
-    assert ordering["host_resident_groups"] == 1 and ordering["groups_read"] >= 2  # 3 blocks: 1 resident, 2 streamed
+    for phase in ("copies", "compute", "without_wait_event", "without_consumed"):
+        run = ordering[phase]
+        assert run["exact"] is True and run["forwards"] == 3, phase
+        assert run["stall_s"] > 0 or "compute" in phase or "consumed" in phase, phase  # reads delayed: waited
+        assert run["host_resident_groups"] == 1 and run["groups_read"] >= 2  # 3 blocks: 1 resident, 2 streamed
     verdicts = {line.split("  ")[0]: line.split()[-1] for line in result.stdout.splitlines() if "  " in line}
     assert verdicts["CUDA tests (pytest -m cuda)"] == "n/a"
     assert verdicts["outputs torch.equal to no offload"] == "PASS"
-    assert verdicts["slow reads + queued compute: equal"] == "PASS"
-    assert verdicts["H2D staging buffers / plain pinned"] == "n/a"
+    assert verdicts["ordering: slow copies (wait on copy)"] == "PASS"
+    assert verdicts["ordering: slow compute (ring reuse)"] == "PASS"
+    for row in ("H2D staging buffers / plain pinned", "nvme step / max(drive, compute)", "peak VRAM nvme (bench)"):
+        assert verdicts[row] == "n/a", row
+    assert verdicts["negative control: without wait_event"] == "n/a"
+    assert set(report["seconds"]) == {"cuda_tests", "bench", "ordering"}
     assert "GPU CHECK: PASS" in result.stdout
     assert "gpu_check.sh: torch" in result.stdout  # the versions line, after the install step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # its temporary folders are gone
@@ -222,54 +241,159 @@ def test_gpu_check_without_cuda_exits_2_with_a_clear_message(tmp_path):
     assert "gpu_check.py needs a CUDA device (or --dry-run" in result.stderr
 
 
-def gpu_report(step_ratio: float, h2d_ratio: float, exact: bool = True, failures: int = 0) -> dict:
-    common = {"status": "ok", "exact": exact, "peak_gpu_bytes": 2 * 10**9}
+def gpu_report(step_s: float = 2.1, h2d_ratio: float = 0.93, exact: bool = True, failures: int = 0) -> dict:
+    """A CUDA report: compute 1 s per step, 8 GB streamed per step at 4 GB/s (floor 2 s), ring of 2 x 0.5 GB."""
+    common = {"status": "ok", "exact": exact, "peak_gpu_bytes": 10 * 10**9}
     bench = {
+        "config": {"steps": 3, "blocks": 16, "block_bytes": 5 * 10**8, "prefetch_depth": 1},
         "modes": {
             "no_offload": {**common, "step_s": 1.0, "exact": None},
-            "diffusers_stream": {**common, "step_s": 2.0},
+            "diffusers_stream": {**common, "step_s": 1.5},
             "nvme": {
                 **common,
-                "step_s": 2.0 * step_ratio,
-                "peak_gpu_bytes": 3 * 10**9,
+                "step_s": step_s,
+                "peak_gpu_bytes": 3 * 10**9,  # bound: 10 - 8 + 1 GB
                 "bytes_read_per_step": 8e9,
                 "raw_read": {"gb_per_s": 4.0},
+                "stats_total": {"stall_seconds": 7 * 1.1},  # 1.1 s per step; allowed: 2 - 1 + 0.2
+                "ring_bytes": 10**9,
             },
         },
-        "targets": {
-            "nvme_vs_diffusers_stream": {"value": step_ratio, "pass": step_ratio <= 1.05},
-            "side_stream_vs_plain_pinned": {"value": h2d_ratio, "pass": h2d_ratio >= 0.8},
-        },
+        "transfer": {"status": "ok"},
+        "targets": {"side_stream_vs_plain_pinned": {"value": h2d_ratio, "pass": h2d_ratio >= 0.8}},
     }
     tests = {"tests": 16, "failures": failures, "errors": 0, "skipped": 1, "passed": 15 - failures}
-    ordering = {"exact": True, "forwards": 3, "read_delay_s": 0.02, "spin_cycles": 2e7, "stall_s": 0.3}
-    ordering.update(groups_read=9, host_resident_groups=3)
-    return {"dry_run": False, "cuda": True, "cuda_tests": tests, "bench": bench, "ordering": ordering}
+    run = {"exact": True, "forwards": 3, "read_delay_s": 0.02, "spin_cycles": 2e7, "stall_s": 0.3}
+    run.update(
+        groups_read=9, host_resident_groups=3, control_removed=None, vram_extra_bytes=10**8, ring_bytes=8 * 10**7
+    )
+    ordering = {
+        "activation_bytes": 5 * 10**7,
+        "copies": dict(run, phase="copies"),
+        "compute": dict(run, phase="compute"),
+    }
+    ordering["without_wait_event"] = dict(run, exact=False, control_removed="wait_event")
+    ordering["without_consumed"] = dict(run, exact=False, control_removed="consumed")
+    return {
+        "dry_run": False,
+        "cuda": True,
+        "negative_control": None,
+        "cuda_tests": tests,
+        "bench": bench,
+        "ordering": ordering,
+    }
+
+
+def failing(report: dict) -> list[str]:
+    return [row.check for row in load_check().rows(report) if row.verdict == "FAIL"]
+
+
+def test_gpu_check_passes_a_good_report_and_names_each_row():
+    rows = {row.check: row for row in load_check().rows(gpu_report())}
+    assert [name for name, row in rows.items() if row.verdict == "FAIL"] == []
+    assert rows["nvme step / max(drive, compute)"].value.startswith("1.050x (step 2.100 s, drive 2.000 s")
+    assert rows["info: nvme step / diffusers stream (pinned RAM)"].verdict == "info"
+    assert rows["negative control: without wait_event"].verdict == "PASS"
+    assert all(row.verdict in ("PASS", "info") for row in rows.values())
+
+
+def _set(report: dict, path: str, value) -> dict:
+    *keys, last = path.split(".")
+    target = report
+    for key in keys:
+        target = target[key]
+    target[last] = value
+    return report
 
 
 @pytest.mark.parametrize(
-    "report, failed",
+    "path, value, failed",
     [
-        (gpu_report(1.02, 0.93), []),
-        (gpu_report(1.30, 0.93), ["nvme step / diffusers stream (RAM)"]),
-        (gpu_report(1.02, 0.50), ["H2D staging buffers / plain pinned"]),
-        (gpu_report(1.02, 0.93, exact=False), ["outputs torch.equal to no offload"]),
-        (gpu_report(1.02, 0.93, failures=2), ["CUDA tests (pytest -m cuda)"]),
+        ("bench.modes.nvme.step_s", 2.3, ["nvme step / max(drive, compute)"]),
+        ("bench.modes.nvme.stats_total", {"stall_seconds": 7 * 1.3}, ["GPU idle per step (waiting for weights)"]),
+        ("bench.modes.nvme.peak_gpu_bytes", 3.2 * 10**9, ["peak VRAM nvme (bench)"]),
+        ("bench.modes.nvme.exact", False, ["outputs torch.equal to no offload"]),
+        ("bench.targets.side_stream_vs_plain_pinned.pass", False, ["H2D staging buffers / plain pinned"]),
+        (
+            "bench.transfer",
+            {"status": "error", "reason": "cudaHostRegister failed"},
+            ["H2D staging buffers / plain pinned"],
+        ),
+        ("cuda_tests.failures", 2, ["CUDA tests (pytest -m cuda)"]),
+        ("cuda_tests", {"error": "pytest ran past its budget of 150 s"}, ["CUDA tests (pytest -m cuda)"]),
+        ("ordering.copies.exact", False, ["ordering: slow copies (wait on copy)"]),
+        ("ordering.copies.stall_s", 0.0, ["ordering: slow copies (wait on copy)"]),
+        ("ordering.compute.host_resident_groups", 0, ["ordering: slow compute (ring reuse)"]),
+        ("ordering.compute.vram_extra_bytes", 2 * 10**8, ["VRAM while the CPU runs ahead"]),
+        ("ordering.without_wait_event.exact", True, ["negative control: without wait_event"]),
+        ("ordering.without_consumed.exact", True, ["negative control: without consumed"]),
+        ("bench", {"error": "StepTimeout: over its budget of 200 s"}, ["bench (examples/gpu_bench.py)"]),
+        ("ordering", {"error": "StepTimeout: over its budget of 90 s"}, ["ordering: slow copies / slow compute"]),
     ],
 )
-def test_gpu_check_table_verdicts(report, failed):
-    check = load_check()
-    rows = {row.check: row for row in check.rows(report)}
-    assert [name for name, row in rows.items() if row.verdict == "FAIL"] == failed
-    ratio = report["bench"]["targets"]["nvme_vs_diffusers_stream"]["value"]
-    assert rows["nvme step / drive floor (raw read)"].value == f"{ratio:.3f}x"  # 8 GB per step at 4 GB/s: 2 s
-    assert rows["peak VRAM nvme / diffusers stream"].value == "1.500x"
-    assert rows["slow reads + queued compute: equal"].verdict == "PASS"
+def test_gpu_check_fails_exactly_the_row_whose_target_is_missed(path, value, failed):
+    assert failing(_set(gpu_report(), path, value)) == failed
 
 
-def test_gpu_check_ordering_fails_when_compute_never_waited():
+def test_gpu_check_table_prints_whatever_failed():
+    report = _set(gpu_report(), "bench", {"error": "RuntimeError: CUDA out of memory"})
+    report.update(device_name="GPU", versions="v", seconds={"bench": 3.0})
+    text = load_check().format_table(report)
+    line = next(line for line in text.splitlines() if line.startswith("bench (examples/gpu_bench.py)"))
+    assert "RuntimeError: CUDA out of memory" in line and line.endswith("FAIL")
+    assert "ordering: slow copies (wait on copy)" in text  # the other rows still print
+    assert "GPU CHECK: FAIL (bench (examples/gpu_bench.py))" in text
+
+
+def test_gpu_check_step_budget_stops_a_step_and_reports_it():
     check = load_check()
-    report = gpu_report(1.0, 0.9)
-    report["ordering"]["stall_s"] = 0.0  # the delay did not reach the reads: the check proved nothing
-    rows = {row.check: row for row in check.rows(report)}
-    assert rows["slow reads + queued compute: equal"].verdict == "FAIL"
+    report = {}
+    check.guarded(report, "slow", 1, lambda: time.sleep(5))
+    assert report["slow"] == {"error": "StepTimeout: over its budget of 1 s"}
+    assert report["seconds"]["slow"] < 3
+
+
+def test_gpu_check_after_sigterm_starts_no_more_steps(monkeypatch):
+    check = load_check()
+    monkeypatch.setattr(check, "_STOPPED", [])
+    previous = signal.getsignal(signal.SIGTERM)
+    check._stop_on_sigterm()
+    try:
+        report = {}
+        check.guarded(report, "first", 5, lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+        check.guarded(report, "second", 5, lambda: {"ran": True})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert report["first"] == {"error": "StepTimeout: stopped by the check's overall limit (SIGTERM)"}
+    assert report["second"] == {"error": "not run: stopped by the check's overall limit (SIGTERM)"}
+
+
+def test_gpu_check_budgets_fit_within_the_shell_limit():
+    check = load_check()
+    limit = int(re.search(r"GPU_CHECK_LIMIT_S:-(\d+)", CHECK_SH.read_text()).group(1))
+    assert sum(check.BUDGETS.values()) + 10 + 30 <= limit  # pytest's grace, and start-up
+    assert limit + 20 <= 600 - 60  # timeout -k 20, within one device command and a margin to rerun
+
+
+def test_gpu_check_negative_control_dry_run_patches_and_says_so(tmp_path):
+    out = tmp_path / "check.json"
+    args = [str(CHECK_SH.with_suffix(".py")), "--dry-run", "--steps", "1", "--skip-tests"]
+    result = subprocess.run(
+        [sys.executable, *args, "--negative-control", "wait_event", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    assert report["ordering"]["copies"]["control_removed"] == "wait_event"
+    assert "without_wait_event" not in report["ordering"]  # the controls are the ordering rows themselves
+    assert "(negative control: wait_event removed; the ordering rows are expected to FAIL)" in result.stdout
+
+
+def test_gpu_check_says_when_the_staging_buffer_could_not_be_pinned():
+    report = _set(gpu_report(h2d_ratio=0.4), "bench.transfer", {"status": "ok", "staging_pinned": False})
+    rows = {row.check: row for row in load_check().rows(report)}
+    row = rows["H2D staging buffers / plain pinned"]
+    assert row.verdict == "FAIL" and "could not be pinned" in row.value

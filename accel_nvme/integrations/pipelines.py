@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -319,12 +320,22 @@ def _to_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.device | N
     return (None if device is None else torch.device(device)), dtype
 
 
+def _resolved(device: torch.device, current: Callable[[], int] | None = None) -> torch.device:
+    """``device`` with the index a bare ``"cuda"`` stands for: the current CUDA device (``current()``)."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if current is None:
+        if not torch.cuda.is_available():
+            return device
+        current = torch.cuda.current_device
+    return torch.device("cuda", current())
+
+
 def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    """Whether ``asked`` (resolved: a bare ``"cuda"`` is the current device) is the device ``actual`` computes on."""
     if asked.type != actual.type:
         return False
-    if asked.type != "cuda" or asked.index is None:
-        return True
-    return asked.index == actual.index
+    return asked.type != "cuda" or asked.index == actual.index
 
 
 def _to_with_streamed_components(to):
@@ -344,6 +355,7 @@ def _to_with_streamed_components(to):
             )
         if device is None:
             return self
+        device = _resolved(device)
         wrong = [name for name, where in streamed.items() if not _same_device(device, where)]
         if wrong:
             raise ValueError(
