@@ -11,8 +11,10 @@ their code and is ours again where we dispatch; this module is where it changes 
 3. our ``dispatch_model`` calling accelerate's: ``to_accelerate`` once more, so accelerate attaches its offload hooks
    (which ours then replace) and writes nothing, given an index into our group files.
 
-``model.nvme_device_map`` keeps the nvme names. A map holding both ``"disk"`` and ``"nvme"`` is refused: ``"disk"``
-would be ambiguous on the way back.
+The ``"disk"`` written for an nvme entry is a ``StreamedTier``: a string equal to ``"disk"`` for every library that
+checks its disk tier, shown (and equal) as ``'nvme'``, so ``hf_device_map`` tells which modules stream.
+``model.nvme_device_map`` keeps the nvme names. A map holding both a plain ``"disk"`` and ``"nvme"`` is refused:
+``"disk"`` would be ambiguous on the way back.
 """
 
 from __future__ import annotations
@@ -29,9 +31,34 @@ NVME = "nvme"
 DISK = "disk"  # accelerate's name for the tier, the one its callers know
 
 
+class StreamedTier(str):
+    """``"disk"`` to accelerate, transformers and peft (compile skipped, offloaded weights saved through the hook, no
+    ``.to()``), ``'nvme'`` to whoever reads the map: it compares equal to both and shows as ``'nvme'``."""
+
+    def __new__(cls) -> StreamedTier:
+        return super().__new__(cls, DISK)
+
+    def __repr__(self) -> str:
+        return repr(NVME)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and str.__str__(other) in (DISK, NVME)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = str.__hash__
+
+    def __reduce__(self):
+        return StreamedTier, ()
+
+
+STREAMED = StreamedTier()
+
+
 def to_accelerate(device_map: Mapping[str, Any]) -> dict[str, Any]:
-    """The map accelerate and the libraries over it understand: ``"nvme"`` entries become ``"disk"``."""
-    return {name: (DISK if device == NVME else device) for name, device in device_map.items()}
+    """The map accelerate and the libraries over it understand: ``"nvme"`` entries become ``"disk"`` (``STREAMED``)."""
+    return {name: (STREAMED if device == NVME else device) for name, device in device_map.items()}
 
 
 def from_accelerate(device_map: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,7 +73,7 @@ def has_nvme(device_map: Any) -> bool:
 
 def refuse_mixed(device_map: Mapping[str, Any], owner: str) -> None:
     """Raise when ``device_map`` holds ``"disk"`` entries beside ``"nvme"`` ones; ``owner`` names the caller."""
-    disk = [name for name, device in device_map.items() if device == DISK]
+    disk = [name for name, device in device_map.items() if device == DISK and not isinstance(device, StreamedTier)]
     if disk:
         raise ValueError(
             f"{owner}: device_map mixes 'disk' and 'nvme' entries ({disk[0]!r} is 'disk'); "

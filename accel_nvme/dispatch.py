@@ -231,9 +231,12 @@ def _quiet_accelerate() -> Iterator[None]:
         accelerate_logger.removeFilter(drop)
 
 
+_NVME_HOOKS = (NvmeAlignDevicesHook, ExpertsHook)
+
+
 def _nvme_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that carry an nvme hook."""
-    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), NvmeAlignDevicesHook | ExpertsHook)]
+    return [m for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), _NVME_HOOKS)]
 
 
 def _prefetcher(model: torch.nn.Module) -> Prefetcher:
@@ -279,5 +282,7 @@ def stats(model: torch.nn.Module) -> NvmeStats:
     total.read_seconds = prefetcher.reader.busy_seconds
     total.seconds = sum(f.seconds for f in forwards)
     resident = [prefetcher.sources[i] for i in prefetcher.resident]
-    groups = len(prefetcher.sources) + sum(isinstance(m._hf_hook, ExpertsHook) for m in _nvme_modules(model))
-    return NvmeStats(groups, [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total)
+    hooked = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "_hf_hook", None), _NVME_HOOKS)]
+    groups = len(prefetcher.sources) + sum(isinstance(m._hf_hook, ExpertsHook) for _, m in hooked)
+    modules = [name for name, _ in hooked]
+    return NvmeStats(groups, [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total, modules)

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
+from accelerate.utils import find_device, set_module_tensor_to_device
 
+from .arguments import send_to_device
 from .prefetch import Lease, Prefetcher
 from .tensorkinds import rebuild
 
@@ -158,18 +159,20 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         if grad:
             self._warn_frozen()
         self._acquiring = caller  # before acquiring: whatever happens next, ``abort`` gives the group back
-        self._lease = lease = self.prefetcher.acquire(self.group, caller)
-        self._acquiring = None
-        # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. They keep
-        # the original ``requires_grad``, which some kernels look at (bits equal to the model in RAM); the copies'
-        # gradients are dropped with them, so the model's weights still get no ``.grad``.
-        copy_out = grad and not lease.on_device
-        tensors = lease.tensors
-        for streamed in self._streamed:
-            value = rebuild(streamed.meta, tensors[streamed.name].clone() if copy_out else tensors[streamed.name])
-            if streamed.is_param and not isinstance(value, torch.nn.Parameter):
-                value = torch.nn.Parameter(value, requires_grad=grad and streamed.meta.requires_grad)
-            streamed.put(value)
+        with torch.inference_mode(False):  # tensors made in inference mode would drop requires_grad (see below)
+            self._lease = lease = self.prefetcher.acquire(self.group, caller)
+            self._acquiring = None
+            # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. In every
+            # grad mode the weights keep the original ``requires_grad``, which torch's matmul looks at to choose a
+            # kernel (bits equal to the model in RAM); the copies' gradients are dropped with them, so the model's
+            # weights still get no ``.grad``.
+            copy_out = grad and not lease.on_device
+            tensors = lease.tensors
+            for streamed in self._streamed:
+                value = rebuild(streamed.meta, tensors[streamed.name].clone() if copy_out else tensors[streamed.name])
+                if streamed.is_param and not isinstance(value, torch.nn.Parameter):
+                    value = torch.nn.Parameter(value, requires_grad=streamed.meta.requires_grad)
+                streamed.put(value)
         self._staging = NOTHING if copy_out else lease.staging
 
     def _warn_frozen(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -140,7 +140,8 @@ class ForwardRecorder:
 class NvmeStats:
     """``accel_nvme.stats(model)``: per-forward and total figures of a model's nvme stream, and its resident groups.
 
-    ``bytes_read`` of a forward counts streamed bytes only: resident groups are read once, at dispatch.
+    ``bytes_read`` of a forward counts streamed bytes only: resident groups are read once, at dispatch. ``modules``:
+    the modules on the nvme tier (those of ``resident`` groups are kept in memory, the others stream).
     """
 
     groups: int
@@ -148,6 +149,7 @@ class NvmeStats:
     resident_bytes: int
     forwards: list[ForwardStats]
     total: ForwardStats
+    modules: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, GB/s and overlap included (for JSON and logging)."""
@@ -162,4 +164,5 @@ class NvmeStats:
             "resident_bytes": self.resident_bytes,
             "forwards": [row(r) for r in self.forwards],
             "total": row(self.total),
+            "modules": self.modules,
         }

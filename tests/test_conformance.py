@@ -18,7 +18,6 @@ from pathlib import Path
 import accelerate
 import pytest
 import torch
-import transformers
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import compute_module_sizes

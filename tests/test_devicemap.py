@@ -1,9 +1,14 @@
 """The one translation between "nvme" and accelerate's "disk", and the device_map checks, on plain maps."""
 
+import copy
+import json
+import pickle
+
 import pytest
 import torch
 
 from accel_nvme.devicemap import (
+    STREAMED,
     check_values,
     device_of,
     execution_device,
@@ -24,9 +29,21 @@ def test_nvme_travels_as_disk_and_comes_back():
     assert MAP["body.layers"] == "nvme", "the given map is not changed"
 
 
+def test_a_streamed_entry_is_disk_to_the_libraries_and_shows_as_nvme():
+    translated = to_accelerate(MAP)["body.layers"]
+    assert translated is STREAMED
+    assert translated == "disk" and "disk" in {translated} and translated in ["cpu", "disk"], "accelerate's checks"
+    assert str(translated) == "disk" and json.dumps(translated) == '"disk"', "written out as accelerate's tier"
+    assert translated == "nvme" and repr({"body.layers": translated}) == "{'body.layers': 'nvme'}", "what users see"
+    assert translated != "cpu" and (translated != "disk") is False and (translated != "nvme") is False
+    assert copy.deepcopy(translated) == pickle.loads(pickle.dumps(translated)) == "nvme"
+    refuse_mixed({"a": translated, "b": "nvme"}, "caller")  # a map given back is not a mixed one
+
+
 def test_has_nvme_only_for_a_dict_with_an_nvme_value():
     assert has_nvme(MAP)
-    assert not has_nvme(to_accelerate(MAP))
+    assert has_nvme(to_accelerate(MAP)), "a translated map given back (a model's hf_device_map) still streams"
+    assert not has_nvme({"body": "disk"})
     assert not has_nvme("auto")
     assert not has_nvme(None)
 

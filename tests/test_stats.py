@@ -27,6 +27,7 @@ def test_stats_per_forward_and_total(offload_dir):
             m(x)
     report = accel_nvme.stats(m)
     assert report.groups == 6
+    assert report.modules == [str(i) for i in range(6)], "which modules are on the nvme tier"
     assert len(report.forwards) == 3
     for forward in report.forwards:
         assert forward.seconds > 0
@@ -37,7 +38,7 @@ def test_stats_per_forward_and_total(offload_dir):
     assert report.total.groups_read == sum(f.groups_read for f in report.forwards) >= 18
     assert report.total.bytes_read == report.total.groups_read * group_bytes
     data = report.as_dict()
-    assert set(data) == {"groups", "resident", "resident_bytes", "forwards", "total"}
+    assert set(data) == {"groups", "resident", "resident_bytes", "forwards", "total", "modules"}
     assert {"gb_per_s", "overlap", "stall_seconds", "bytes_read"} <= set(data["total"])
 
 

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from ..loading import current_loading
+from .devices import compute_device_first
 from .kwargs import wrap_from_pretrained
 from .patching import patch
 from .pipelines import patch_pipeline_loading
@@ -41,8 +42,9 @@ def _model_loading(kwargs: dict) -> Iterator[None]:
 
 
 def patch_model_loading(modeling_utils: ModuleType) -> None:
-    """Wrap ``ModelMixin.from_pretrained`` and the shard loader / index writer it calls."""
+    """Wrap ``ModelMixin.from_pretrained`` and the shard loader / index writer it calls, and ``device``."""
     wrap_from_pretrained(modeling_utils.ModelMixin, _model_loading)
+    patch(modeling_utils.ModelMixin, "device", compute_device_first)
     patch(modeling_utils, "_load_shard_file", _remember_shard)
     patch(modeling_utils, "load_state_dict", _remember_state_dict)
     patch(modeling_utils, "save_offload_index", _keep_offload_index)

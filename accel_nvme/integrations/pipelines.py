@@ -6,6 +6,9 @@ one, the current CUDA device when there is one, else the CPU. The large componen
 others (VAE, small encoders) are loaded by diffusers as usual and moved there. ``max_memory`` (diffusers' keys: a GPU
 index, "cpu") or ``nvme_device_resident_budget`` / ``nvme_resident_budget`` is shared among the streamed components,
 denoisers first, as groups kept resident instead of streamed (``placement.plan_pipeline``).
+
+``pipe.device`` and ``pipe._execution_device`` give the device the streamed components compute on (diffusers would
+read the first component's parameters: meta, for a streamed one), and diffusers' own offloading is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..placement import (
     resolve_device,
     streamed_by_default,
 )
+from .devices import execution_device_of
 from .kwargs import pop_nvme_config
 from .patching import patch
 
@@ -45,10 +49,19 @@ _ITEMSIZE = {**_FLOAT_DTYPES, "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M
 _ITEMSIZE.update({"I32": 4, "U32": 4, "I64": 8, "U64": 8})
 
 
+OFFLOAD_METHODS = ("enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload")
+
+
 def patch_pipeline_loading(pipeline_utils: ModuleType) -> None:
-    """Wrap ``DiffusionPipeline.from_pretrained`` (streamed components loaded on the nvme tier) and ``to``."""
-    patch(pipeline_utils.DiffusionPipeline, "from_pretrained", _from_pretrained_with_nvme)
-    patch(pipeline_utils.DiffusionPipeline, "to", _to_with_streamed_components)
+    """Wrap ``DiffusionPipeline.from_pretrained`` (streamed components loaded on the nvme tier), ``to``, ``device``
+    and ``_execution_device`` (the device the streamed components compute on), and diffusers' own offloading."""
+    pipeline_class = pipeline_utils.DiffusionPipeline
+    patch(pipeline_class, "from_pretrained", _from_pretrained_with_nvme)
+    patch(pipeline_class, "to", _to_with_streamed_components)
+    for name in ("device", "_execution_device"):
+        patch(pipeline_class, name, _compute_device_first)
+    for name in OFFLOAD_METHODS:
+        patch(pipeline_class, name, _refused_with_streamed_components)
 
 
 def _from_pretrained_with_nvme(original_method: classmethod) -> classmethod:
@@ -75,7 +88,9 @@ def _from_pretrained_with_nvme(original_method: classmethod) -> classmethod:
                 if p.streamed and p.name not in kwargs:
                     kwargs[p.name] = _load_streamed(folder, p, _component_config(config, p), kwargs)
         kwargs.pop("offload_folder", None)
-        pipe = original(cls, pretrained_model_name_or_path, **kwargs)
+        loaded = {name: kwargs[name] for name in streamed}
+        pipe = original(_concrete_class(cls, folder, kwargs), pretrained_model_name_or_path, **kwargs)
+        _check_streamed_kept(pipe, loaded)
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module) and name not in streamed:
                 component.to(device)
@@ -83,6 +98,30 @@ def _from_pretrained_with_nvme(original_method: classmethod) -> classmethod:
         return pipe
 
     return classmethod(from_pretrained)
+
+
+def _check_streamed_kept(pipe: Any, loaded: dict[str, torch.nn.Module]) -> None:
+    """Each component loaded on the nvme tier is the object the pipeline holds; diffusers may have loaded another."""
+    for name, component in loaded.items():
+        held = getattr(pipe, name, None)
+        if held is not component:
+            raise RuntimeError(
+                f"{type(pipe).__name__}.from_pretrained: {name!r} was loaded to stream from nvme, but the pipeline "
+                f"holds another {type(held).__name__} (diffusers loaded it again, whole, in RAM); pass "
+                f"nvme_components=[...] without {name!r} to keep it in RAM knowingly"
+            )
+
+
+def _concrete_class(cls: type, folder, kwargs: dict[str, Any]) -> type:
+    """The pipeline class ``model_index.json`` names, when ``cls`` is a base of it (the generic
+    ``DiffusionPipeline``): diffusers looks optional components up on ``cls``, and on the base class it would load an
+    optional component again in place of the streamed one passed in (Wan's ``transformer``)."""
+    if kwargs.get("custom_pipeline") is not None:
+        return cls
+    with open(os.path.join(folder, "model_index.json")) as f:
+        name = json.load(f).get("_class_name")
+    found = getattr(importlib.import_module("diffusers"), name, None) if isinstance(name, str) else None
+    return found if isinstance(found, type) and issubclass(found, cls) else cls
 
 
 def _cuda_devices() -> int:
@@ -226,6 +265,48 @@ def streamed_components(pipe: Any) -> dict[str, torch.device]:
         if hook is not None:
             found[name] = torch.device(hook.execution_device)
     return found
+
+
+def _streamed_device(pipe: Any) -> torch.device | None:
+    """The device the nvme components of ``pipe`` compute on (one for all: ``from_pretrained`` and ``to`` see to it)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module) and hasattr(component, "nvme_device_map"):
+            device = execution_device_of(component)
+            if device is not None:
+                return device
+    return None
+
+
+def _compute_device_first(prop: property) -> property:
+    """``DiffusionPipeline.device`` / ``_execution_device``: where the streamed components compute, when there are
+    some. diffusers reads the first component's parameters, and a streamed component's are on meta between forwards:
+    latents and prompt embeddings would be made on meta."""
+
+    @functools.wraps(prop.fget)
+    def compute_device(self) -> torch.device:
+        device = _streamed_device(self)
+        return prop.fget(self) if device is None else device
+
+    return property(compute_device, doc=prop.__doc__)
+
+
+def _refused_with_streamed_components(method):
+    """diffusers' own offloading (model, sequential, group) on a pipeline with nvme components: refused, with why."""
+
+    @functools.wraps(method)
+    def refuse_if_streamed(self, *args, **kwargs):
+        streamed = streamed_components(self)
+        if not streamed:
+            return method(self, *args, **kwargs)
+        names = ", ".join(f"{name} (on {where})" for name, where in streamed.items())
+        raise ValueError(
+            f"{type(self).__name__}.{method.__name__}(): {names} already stream from nvme (their weights stay on disk "
+            "between forwards) and the other components sit on that device; diffusers' offloading would load the "
+            "streamed ones whole into RAM. Keep the nvme tier, or load with nvme_components=[] (or without "
+            f"offload_backend='nvme') to use {method.__name__} instead"
+        )
+
+    return refuse_if_streamed
 
 
 def _to_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.device | None, torch.dtype | None]:
