@@ -1,8 +1,9 @@
 """The accelerate hook of one nvme group: it only connects accelerate's protocol to the prefetcher.
 
 Streamed weights act as frozen (no ``.grad``), as with accelerate's disk tier. Nothing that outlives a forward views a
-staging buffer: outputs are copied out of it, autograd gets copies, and a module keeping a view is an error. Forwards
-of one model take turns (the prefetcher's ``forward_lock``), and an interrupted forward leaves nothing in use.
+staging buffer: outputs are copied out of it, autograd gets handles (``backward.py``), and a module keeping a view is
+an error. Forwards of one model take turns (the prefetcher's ``forward_lock``), and an interrupted forward leaves
+nothing in use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
 
+from . import backward
 from .prefetch import Lease, Prefetcher
 
 logger = logging.getLogger(__name__)
@@ -159,17 +161,17 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         self._acquiring = caller  # before acquiring: whatever happens next, ``abort`` gives the group back
         self._lease = lease = self.prefetcher.acquire(self.group, caller)
         self._acquiring = None
-        # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. They keep
-        # the original ``requires_grad``, which some kernels look at (bits equal to the model in RAM); the copies'
-        # gradients are dropped with them, so the model's weights still get no ``.grad``.
-        copy_out = grad and not lease.on_device
+        if grad:  # autograd keeps handles, not the tensors (backward.py)
+            backward.holding(self.prefetcher, self.group, lease)
         tensors = lease.tensors
         for streamed in self._streamed:
-            value = tensors[streamed.name].clone() if copy_out else tensors[streamed.name]
-            if streamed.is_param:
+            value = tensors[streamed.name]
+            if grad and streamed.meta.requires_grad:
+                value = backward.frozen_requiring_grad(value)
+            elif streamed.is_param:
                 value = torch.nn.Parameter(value, requires_grad=grad and streamed.meta.requires_grad)
             streamed.put(value)
-        self._staging = NOTHING if copy_out else lease.staging
+        self._staging = lease.staging
 
     def _warn_frozen(self) -> None:
         """Once per model: a forward with grad enabled, and a streamed weight that asks for a gradient it cannot get."""
@@ -212,6 +214,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         for streamed in self._streamed:
             streamed.put(streamed.meta)
         if self._lease is not None:  # None after a nested call of the same module released the group
+            backward.released(self._lease)
             self._lease.release()
             self._lease = None
 
@@ -347,7 +350,8 @@ def _forward_or_abort(forward: Any, hook: NvmeAlignDevicesHook, outermost: bool,
     if outermost:
         _recover(hook.prefetcher)
     try:
-        return forward(*args, **kwargs)
+        with backward.saving_handles():
+            return forward(*args, **kwargs)
     except BaseException:
         hook.abort()
         raise
