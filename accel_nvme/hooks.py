@@ -21,7 +21,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import find_device, send_to_device, set_module_tensor_to_device
 
-from . import backward
+from . import backward, owned
 from .prefetch import Lease, Prefetcher
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                     meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
                 (owner._parameters if is_param else owner._buffers)[attr] = meta
             self._streamed.append(_StreamedTensor(owner, attr, is_param, full, meta))
+            owned.register(meta, self.execution_device)
         for name, tensor in module.named_buffers():
             if tensor.device.type != "meta" and self.execution_device is not None:
                 set_module_tensor_to_device(module, name, self.execution_device)
@@ -132,6 +133,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Take the group's tensors from the prefetcher and place the inputs on the execution device."""
         self._take(self)
+        owned.refuse_foreign_meta(module, self.group_name, self.execution_device)
         if self.io_same_device:
             self.input_device = find_device([args, kwargs])
         return send_to_device(args, self.execution_device), send_to_device(
@@ -322,6 +324,7 @@ def _loading_group(forward: Any, module: torch.nn.Module, hook: NvmeAlignDevices
         if hook._lease is not None:
             return forward(*args, **kwargs)  # inside the group's forward: its tensors are in place
         hook._take(caller)
+        owned.refuse_foreign_meta(module, hook.group_name, hook.execution_device)
         if hook.io_same_device:
             hook.input_device = find_device([args, kwargs])
         args = send_to_device(args, hook.execution_device)
