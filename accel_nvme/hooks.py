@@ -1,8 +1,9 @@
 """The accelerate hook of one nvme group: it only connects accelerate's protocol to the prefetcher.
 
 Streamed weights act as frozen (no ``.grad``), as with accelerate's disk tier. Nothing that outlives a forward views a
-staging buffer: outputs are copied out of it, autograd gets copies, and a module keeping a view is an error. Forwards
-of one model take turns (the prefetcher's ``forward_lock``), and an interrupted forward leaves nothing in use.
+staging buffer: outputs are copied out of it, autograd gets handles (``backward.py``), and a module keeping a view is
+an error. Forwards of one model take turns (the prefetcher's ``forward_lock``), and an interrupted forward leaves
+nothing in use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import find_device, set_module_tensor_to_device
 
+from . import backward, owned
 from .arguments import send_to_device
 from .prefetch import Lease, Prefetcher
 from .tensorkinds import rebuild
@@ -123,6 +125,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                     meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
                 (owner._parameters if is_param else owner._buffers)[attr] = meta
             self._streamed.append(_StreamedTensor(owner, attr, is_param, full, meta))
+            owned.register(meta, self.execution_device)
         for name, tensor in module.named_buffers():
             if tensor.device.type != "meta" and self.execution_device is not None:
                 set_module_tensor_to_device(module, name, self.execution_device)
@@ -132,6 +135,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Take the group's tensors from the prefetcher and place the inputs on the execution device."""
         self._take(self)
+        owned.refuse_foreign_meta(module, self.group_name, self.execution_device)
         if self.io_same_device:
             self.input_device = find_device([args, kwargs])
         return send_to_device(args, self.execution_device), send_to_device(
@@ -162,18 +166,19 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         with torch.inference_mode(False):  # tensors made in inference mode would drop requires_grad (see below)
             self._lease = lease = self.prefetcher.acquire(self.group, caller)
             self._acquiring = None
-            # Autograd may keep weights for a backward after the staging buffer was refilled: give it copies. In every
-            # grad mode the weights keep the original ``requires_grad``, which torch's matmul looks at to choose a
-            # kernel (bits equal to the model in RAM); the copies' gradients are dropped with them, so the model's
-            # weights still get no ``.grad``.
-            copy_out = grad and not lease.on_device
+            if grad:  # autograd keeps handles, not the tensors (backward.py)
+                backward.holding(self.prefetcher, self.group, lease)
+            # In every grad mode the weights keep the original ``requires_grad``, which torch's matmul looks at to
+            # choose a kernel (bits equal to the model in RAM).
             tensors = lease.tensors
             for streamed in self._streamed:
-                value = rebuild(streamed.meta, tensors[streamed.name].clone() if copy_out else tensors[streamed.name])
-                if streamed.is_param and not isinstance(value, torch.nn.Parameter):
+                value = rebuild(streamed.meta, tensors[streamed.name])
+                if grad and streamed.meta.requires_grad:
+                    value = backward.frozen_requiring_grad(value)
+                elif streamed.is_param and not isinstance(value, torch.nn.Parameter):
                     value = torch.nn.Parameter(value, requires_grad=streamed.meta.requires_grad)
                 streamed.put(value)
-        self._staging = NOTHING if copy_out else lease.staging
+        self._staging = lease.staging
 
     def _warn_frozen(self) -> None:
         """Once per model: a forward with grad enabled, and a streamed weight that asks for a gradient it cannot get."""
@@ -216,6 +221,7 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         for streamed in self._streamed:
             streamed.put(streamed.meta)
         if self._lease is not None:  # None after a nested call of the same module released the group
+            backward.released(self._lease)
             self._lease.release()
             self._lease = None
 
@@ -327,6 +333,7 @@ def _loading_group(forward: Any, module: torch.nn.Module, hook: NvmeAlignDevices
         if hook._lease is not None:
             return forward(*args, **kwargs)  # inside the group's forward: its tensors are in place
         hook._take(caller)
+        owned.refuse_foreign_meta(module, hook.group_name, hook.execution_device)
         if hook.io_same_device:
             hook.input_device = find_device([args, kwargs])
         args = send_to_device(args, hook.execution_device)
@@ -355,7 +362,8 @@ def _forward_or_abort(forward: Any, hook: NvmeAlignDevicesHook, outermost: bool,
     if outermost:
         _recover(hook.prefetcher)
     try:
-        return forward(*args, **kwargs)
+        with backward.saving_handles():
+            return forward(*args, **kwargs)
     except BaseException:
         hook.abort()
         raise

@@ -169,6 +169,7 @@ class Prefetcher:
         self._recorder = ForwardRecorder(reader)
         self.stats = self._recorder.totals
         self._schedule = SuccessorSchedule(len(sources))
+        self._backward_schedule = SuccessorSchedule(len(sources), reverse=True)  # backward re-acquires (backward.py)
         self._slots: dict[int, _Slot] = {}
         self._max_slots = depth + 1
         self._runtime = runtime or (CudaRuntime() if device.type == "cuda" else None)
@@ -249,11 +250,13 @@ class Prefetcher:
         slot.done.set()
         return slot
 
-    def acquire(self, index: int, caller: Hashable | None = None) -> Lease:
+    def acquire(self, index: int, caller: Hashable | None = None, backward: bool = False) -> Lease:
         """The tensors of group ``index`` on the execution device, ready for the compute stream, leased to ``caller``.
 
         ``caller`` (the module's hook; several modules may share a group) holds the group until the lease's release.
+        ``backward``: asked by a backward pass, which learns and reads ahead in an order of its own.
         """
+        schedule, other = (self._backward_schedule, None) if backward else (self._schedule, self._backward_schedule)
         if self._forked_from is not None or self._closed:
             raise self._unusable(index)
         caller = index if caller is None else caller
@@ -261,8 +264,8 @@ class Prefetcher:
             resident = self._resident[index]
             with self._lock:
                 self._recorder.asked(caller)
-                self._schedule.learn(index)
-                self._top_up(index)
+                schedule.learn(index, ending=other)
+                self._top_up(index, schedule)
             if resident.device_data is not None:
                 tensors = _views(resident.source, resident.device_data, self._layouts[index].offsets)
             else:
@@ -272,12 +275,12 @@ class Prefetcher:
             if self._cuda:
                 self.stats.stall_seconds += self._meter.collect()
             self._recorder.asked(caller)
-            self._schedule.learn(index)
+            schedule.learn(index, ending=other)
             slot = self._slots.get(index)
             if slot is None:
                 slot = self._start_now(index)
             slot.holders.add(caller)
-            self._top_up(index)
+            self._top_up(index, schedule)
         asked = mark(self.device, self._runtime) if self._cuda else None  # GPU idle time runs from here
         try:
             if not slot.done.is_set():
@@ -351,8 +354,8 @@ class Prefetcher:
                 self.stats.stall_seconds += self._meter.collect()
             return self._recorder.forwards()
 
-    def _top_up(self, index: int) -> None:
-        wanted = self._schedule.upcoming(index, self.depth, skip=self._kept)
+    def _top_up(self, index: int, schedule: SuccessorSchedule) -> None:
+        wanted = schedule.upcoming(index, self.depth, skip=self._kept)
         for other, slot in list(self._slots.items()):
             if other != index and not slot.holders and other not in wanted and slot.done.is_set():
                 self._drop(other)

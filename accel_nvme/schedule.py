@@ -14,14 +14,23 @@ NOTHING: frozenset[int] = frozenset()
 
 
 class SuccessorSchedule:
-    """For each of ``groups`` groups, the group last seen to follow it (initially the next one, wrapping around)."""
+    """For each of ``groups`` groups, the group last seen to follow it (initially the next one, wrapping around; for
+    ``reverse``, the order of a backward pass, the previous one, and none after the first)."""
 
-    def __init__(self, groups: int):
-        self.successor = {i: (i + 1) % groups for i in range(groups)}
+    def __init__(self, groups: int, reverse: bool = False):
+        if reverse:
+            self.successor = {i: max(i - 1, 0) for i in range(groups)}
+        else:
+            self.successor = {i: (i + 1) % groups for i in range(groups)}
         self._previous: int | None = None
 
-    def learn(self, index: int) -> None:
-        """Group ``index`` is used now: it becomes the successor of the group used before it (unless the same)."""
+    def learn(self, index: int, ending: SuccessorSchedule | None = None) -> None:
+        """Group ``index`` is used now: it becomes the successor of the group used before it (unless the same).
+
+        ``ending``: a schedule of another order (backward) whose run this ends; its next group follows no last one.
+        """
+        if ending is not None:
+            ending._previous = None
         if self._previous is not None and self._previous != index:
             self.successor[self._previous] = index
         self._previous = index

@@ -444,7 +444,7 @@ def test_an_interrupt_inside_acquire_gives_the_group_back_at_once(offload_dir):
     prefetcher = hooks_of(model)[0].prefetcher
     top_up = prefetcher._top_up  # runs inside ``acquire`` once the caller holds the group
 
-    def interrupted(index):
+    def interrupted(index, schedule):
         prefetcher._top_up = top_up
         raise KeyboardInterrupt("simulated Ctrl-C inside acquire")
 

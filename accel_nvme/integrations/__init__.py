@@ -1,4 +1,4 @@
-"""Where accel_nvme meets accelerate, transformers and diffusers: patches applied when each module is imported.
+"""Where accel_nvme meets accelerate, transformers, diffusers and peft: patches applied when each module is imported.
 
 accelerate's ``dispatch_model`` is bound by name in several modules, and ``from_pretrained`` lives in transformers
 and diffusers, which are heavy to import: each patch is applied to a module as soon as it is imported (or now, if it
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from .. import dispatch
-from . import accelerate, diffusers, single_file, transformers
+from . import accelerate, diffusers, peft, single_file, transformers
 from .patching import patch, restore_all
 
 DISPATCH_MODEL_BOUND_IN = (
@@ -38,6 +38,7 @@ for _name, _patch in (
     *transformers.PATCHES.items(),
     *diffusers.PATCHES.items(),
     *single_file.PATCHES.items(),
+    *peft.PATCHES.items(),
 ):
     PATCHES.setdefault(_name, []).append(_patch)
 
