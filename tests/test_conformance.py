@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import accel_nvme
+from accel_nvme.experts import ExpertsHook
 from accel_nvme.maintenance import inspect_folder
 
 # Fractions of the model's size given as the CPU budget: some, most, and all blocks stream.
@@ -259,7 +260,9 @@ def test_outputs_equal_the_model_in_ram(name, entry, tier, models_folder, tmp_pa
         model = load(case, entry, tier, tmp_path / "offload")
         assert_offloaded(model, tier)
         if tier == "nvme":
-            assert_reads_from(tmp_path / "offload", in_place=entry in FROM_CHECKPOINT and not COPYING)
+            fused_experts = any(isinstance(getattr(m, "_hf_hook", None), ExpertsHook) for m in model.modules())
+            in_place = entry in FROM_CHECKPOINT and not COPYING and not fused_experts  # experts: page-aligned copies
+            assert_reads_from(tmp_path / "offload", in_place=in_place)
         resident_aligned = not (case.spec.library == "transformers" and entry in FROM_PRETRAINED)
         if tier == "disk" and name in BASELINE_INEXACT:
             try:
@@ -328,8 +331,10 @@ def test_clip_text_and_image_features(entry, tier, models_folder, tmp_path):
     text, image = features(case.model)
     with as_recorded("clip", entry, tier):
         offloaded_text, offloaded_image = features(load(case, entry, tier, tmp_path / "offload"))
-        assert torch.equal(offloaded_text, text)
-        assert torch.equal(offloaded_image, image)
+        exact = torch.equal(offloaded_text, text) and torch.equal(offloaded_image, image)
+        if tier == "disk" and not exact and "clip" in BASELINE_INEXACT:
+            pytest.xfail("accelerate's disk tier is inexact here, for reasons of its own")
+        assert exact
 
 
 @pytest.mark.parametrize("name", SPECS)
