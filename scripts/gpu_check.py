@@ -68,7 +68,12 @@ BUDGETS = {"tests": 150, "bench": 200, "ordering": 90}  # seconds; gpu_check.sh'
 NEGATIVE_CONTROLS = ("wait_event", "consumed")
 # The test files holding CUDA tests (a CPU test checks the list): collecting the whole folder would import what the GPU
 # machine lacks (hypothesis, matplotlib, diffusers) and count its import errors as CUDA failures.
-CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/test_entrypoints.py", "tests/test_gpu_bench.py", "tests/test_quantized.py")
+CUDA_TEST_FILES = (
+    "tests/test_cuda.py",
+    "tests/test_entrypoints.py",
+    "tests/test_gpu_bench.py",
+    "tests/test_quantized.py",
+)
 # What the ordering checks patch (the CPU tests check that each still exists): reads, copies, the compute's wait on a
 # copy, the ring's wait on compute.
 PATCHED = (
