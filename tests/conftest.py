@@ -3,6 +3,7 @@ import subprocess
 import uuid
 
 import pytest
+import torch
 
 import accel_nvme  # noqa: F401  (installs the "nvme" tier into accelerate)
 
@@ -25,3 +26,13 @@ def ramfs(tmp_path):
     yield mountpoint
     gc.collect()  # readers of models left alive by a test close their files when collected
     subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+@pytest.fixture(autouse=True)
+def grad_modes_unchanged():
+    """A test leaves the thread's grad and inference modes as it found them (a leak changes later tests' kernels)."""
+    before = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    yield
+    after = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    torch.set_grad_enabled(before[0])
+    assert after == before, f"(grad enabled, inference mode) was {before} before the test, {after} after it"
