@@ -30,9 +30,16 @@ def ramfs(tmp_path):
 
 @pytest.fixture(autouse=True)
 def grad_modes_unchanged():
-    """A test leaves the thread's grad and inference modes as it found them (a leak changes later tests' kernels)."""
+    """A test leaves the thread's grad and inference modes as it found them: a leak fails that test, and the modes are
+    put back so that the tests after it compute as they would (inference mode changes which kernels torch picks)."""
     before = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     yield
     after = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    torch.set_grad_enabled(before[0])
-    assert after == before, f"(grad enabled, inference mode) was {before} before the test, {after} after it"
+    if after != before:
+        if after[1] != before[1]:
+            _KEPT_GUARDS.append(torch._C._InferenceMode(before[1]))  # a guard lives as long as it is referenced
+        torch.set_grad_enabled(before[0])
+        pytest.fail(f"(grad enabled, inference mode) was {before} before the test, {after} after it")
+
+
+_KEPT_GUARDS: list = []
