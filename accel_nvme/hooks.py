@@ -163,7 +163,10 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
         if grad:
             self._warn_frozen()
         self._acquiring = caller  # before acquiring: whatever happens next, ``abort`` gives the group back
-        with torch.inference_mode(False):  # tensors made in inference mode would drop requires_grad (see below)
+        # Tensors made in inference mode would drop requires_grad (see below). The C-level guard, not the Python
+        # ``torch.inference_mode``: an interrupt inside that one's ``__enter__`` leaves a guard that, collected
+        # later, puts the thread back into inference mode.
+        with torch._C._InferenceMode(False):
             self._lease = lease = self.prefetcher.acquire(self.group, caller)
             self._acquiring = None
             if grad:  # autograd keeps handles, not the tensors (backward.py)
