@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from accel_nvme import bench, config, maintenance
+from accel_nvme.bench.moe import MOE_HIDDEN, MOE_MODES, DecodeConfig, MoeShape
+from accel_nvme.bench.moe_report import format_moe_report
+from accel_nvme.bench.moe_run import run_moe
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +58,10 @@ def _percentages(text: str) -> tuple[float, ...]:
 
 def _modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = sorted(set(modes) - set(bench.MODES))
+    unknown = sorted(set(modes) - set(bench.MODES) - set(MOE_MODES))
     if not modes or unknown:
-        raise argparse.ArgumentTypeError(f"expected modes among {', '.join(bench.MODES)}, got {text!r}")
+        known = ", ".join(dict.fromkeys([*bench.MODES, *MOE_MODES]))
+        raise argparse.ArgumentTypeError(f"expected modes among {known}, got {text!r}")
     return modes
 
 
@@ -74,13 +78,27 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         "--no-squeeze", action="store_true", help="run in the whole machine (defaults: 1.07 GB Linear model)"
     )
     b.add_argument("--size", type=parse_size, help="model size, e.g. 1GB (default 2GB squeezed); picks --hidden")
-    b.add_argument("--layers", type=int, default=16, help="number of Linear layers (default 16)")
+    b.add_argument("--layers", type=int, help="number of Linear layers (default 16); --model moe: decoder layers")
+    b.add_argument(
+        "--model",
+        choices=("linear", "llama", "moe"),
+        help="linear: Linear layers built in RAM; llama: a checkpoint loaded by from_pretrained (default: linear, or"
+        " llama when it does not fit); moe: greedy decode of a Qwen3-MoE checkpoint, per-expert reads against"
+        " whole-block streaming (docs/moe.md)",
+    )
+    b.add_argument("--experts", type=int, default=64, help="--model moe: experts per layer (default 64)")
+    b.add_argument("--top-k", type=int, default=4, help="--model moe: experts per token (default 4)")
+    b.add_argument("--new-tokens", type=int, default=16, help="--model moe: tokens generated per run (default 16)")
     b.add_argument("--hidden", type=int, help="hidden size (default 4096)")
     b.add_argument("--batch", type=_positive_ints, help="batch sizes (default 16,256 squeezed, else 64,512)")
     b.add_argument("--forwards", type=int, help="timed cold forwards per batch (default 1 squeezed, else 3)")
     b.add_argument("--offload-folder", help="where the temporary bench folder goes (default: current directory)")
     b.add_argument("--json", help="also write the report to this JSON file")
-    b.add_argument("--modes", type=_modes, default=bench.MODES, help=f"default: {','.join(bench.MODES)}")
+    b.add_argument(
+        "--modes",
+        type=_modes,
+        help=f"default: {','.join(bench.MODES)}; --model moe: {','.join(MOE_MODES)}",
+    )
     b.add_argument(
         "--warm-forwards", type=int, help="timed warm forwards per batch, page cache kept (default 3 squeezed, else 2)"
     )
@@ -179,6 +197,13 @@ def _config(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     defaults = (PLAIN_DEFAULTS if args.no_squeeze else SQUEEZE_DEFAULTS) | (QUICK_DEFAULTS if args.quick else {})
+    if args.model == "moe":
+        _bench_moe(args, parser, defaults)
+        return
+    args.layers = 16 if args.layers is None else args.layers
+    args.modes = args.modes or bench.MODES
+    if set(args.modes) - set(bench.MODES):
+        parser.error(f"--modes: {', '.join(sorted(set(args.modes) - set(bench.MODES)))} only run with --model moe")
     size = args.size if args.size is not None or args.hidden is not None else defaults["size"]
     forwards = defaults["forwards"] if args.forwards is None else args.forwards
     warm_forwards = defaults["warm_forwards"] if args.warm_forwards is None else args.warm_forwards
@@ -207,7 +232,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             json_path=args.json,
             plot_path=plot,
             warm_forwards=warm_forwards,
-            from_pretrained=True if args.quick and args.from_pretrained is None else args.from_pretrained,
+            from_pretrained=_from_pretrained(args),
             free_ram=None if args.no_squeeze else args.free_ram or _default_free_ram(args.quick, defaults),
         )
     except bench.BallastError as e:
@@ -215,6 +240,50 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(bench.format_report(report))
     if plot is not None:
         print(f"plot: {Path(plot).resolve()}")
+
+
+def _from_pretrained(args: argparse.Namespace) -> bool | None:
+    if args.model is not None:
+        return args.model == "llama"
+    return True if args.quick and args.from_pretrained is None else args.from_pretrained
+
+
+def _bench_moe(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """``--model moe``: greedy decode of a synthetic Qwen3-MoE checkpoint (``bench.moe_run``)."""
+    if args.batch or args.from_pretrained is not None or args.resident_budget or args.storage_dtype != "float32":
+        parser.error(
+            "--model moe decodes at batch 1 from fp32 checkpoint weights: no --batch, --from-pretrained,"
+            " --resident-budget or --storage-dtype"
+        )
+    if args.no_squeeze and args.free_ram is not None:
+        parser.error("give --free-ram or --no-squeeze, not both")
+    if args.plot != PLOT_DEFAULT and args.plot is not None:
+        parser.error("--model moe draws no plot: give --json for the figures")
+    runs = defaults["forwards"] if args.forwards is None else args.forwards
+    if runs < 1 or args.new_tokens < 2 or not 1 <= args.top_k <= args.experts:
+        parser.error("--forwards must be at least 1, --new-tokens at least 2, and 1 <= --top-k <= --experts")
+    if args.layers is not None:
+        shape = MoeShape(args.hidden or MOE_HIDDEN, args.layers, args.experts, args.top_k)
+    else:
+        size = args.size or defaults["size"] or SQUEEZE_DEFAULTS["size"]
+        shape = MoeShape.for_size(size, args.hidden or MOE_HIDDEN, args.experts, args.top_k)
+    decode = DecodeConfig(
+        shape, new_tokens=args.new_tokens, runs=runs, expert_cache_bytes=config.load_config().expert_cache_bytes
+    )
+    modes = args.modes or MOE_MODES
+    if set(modes) - set(MOE_MODES):
+        parser.error(f"--model moe runs the modes {', '.join(MOE_MODES)}, not {', '.join(set(modes) - set(MOE_MODES))}")
+    try:
+        report = run_moe(
+            decode,
+            modes,
+            offload_folder=args.offload_folder,
+            json_path=args.json,
+            free_ram=None if args.no_squeeze else args.free_ram or _default_free_ram(args.quick, defaults),
+        )
+    except bench.BallastError as e:
+        parser.exit(2, f"accel-nvme bench: {e}\n")
+    print(format_moe_report(report))
 
 
 def _default_free_ram(quick: bool, defaults: dict) -> int:

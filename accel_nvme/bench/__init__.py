@@ -9,6 +9,9 @@ recommendation: nvme, or the page cache when the model fits in free RAM and buff
 With ``free_ram`` (``accel-nvme bench --free-ram``, the default) a ``Ballast`` process holds all but that much of the
 available RAM while the modes run, so they meet the regime the nvme tier exists for: a model bigger than free RAM.
 
+``--model moe`` (``run_moe``, modules ``moe``, ``moe_run``, ``moe_report``): greedy decode of a synthetic Qwen3-MoE
+checkpoint, per-expert reads against whole-block streaming, transformers' disk offload and the bound.
+
 Two synthetic models: a Sequential of fp32 Linear layers built in RAM (``linear``), or, when the model does not fit in
 RAM or ``from_pretrained`` is asked for, a Llama checkpoint written shard by shard and loaded with
 ``from_pretrained(..., offload_backend="nvme")`` (``llama``). See docs/bench.md.
@@ -32,6 +35,9 @@ from accel_nvme.bench.config import (
 )
 from accel_nvme.bench.models import write_llama_checkpoint
 from accel_nvme.bench.modes import BASE_MODES, MODES, Mode, parse_mode
+from accel_nvme.bench.moe import MOE_MODES, DecodeConfig, MoeShape
+from accel_nvme.bench.moe_report import format_moe_report
+from accel_nvme.bench.moe_run import run_moe
 from accel_nvme.bench.plot import plot_report
 from accel_nvme.bench.report import format_report
 from accel_nvme.bench.results import BatchResult, ModeResult
@@ -42,19 +48,23 @@ __all__ = [
     "LLAMA_MAX_HIDDEN",
     "MIN_FREE_RAM_BYTES",
     "MODES",
+    "MOE_MODES",
     "SQUEEZE_STAGING_SHARE",
     "STORAGE_DTYPES",
     "Ballast",
     "BallastError",
     "BatchResult",
     "BenchConfig",
+    "DecodeConfig",
     "LlamaShape",
     "Mode",
     "ModeResult",
+    "MoeShape",
     "Report",
     "compute_ratios",
     "does_not_fit",
     "fits_in_ram",
+    "format_moe_report",
     "format_report",
     "hidden_for_size",
     "nvme_auto_summary",
@@ -63,6 +73,7 @@ __all__ = [
     "recommend",
     "resident_sweep",
     "run",
+    "run_moe",
     "squeezed_max_hidden",
     "write_llama_checkpoint",
 ]
