@@ -8,6 +8,12 @@ experts (one O_DIRECT request per expert and tensor, all in flight at once) into
 which its tensors view. Rows of experts not routed are never read (they hold zeros) and never used. An LRU cache
 (``NvmeConfig.expert_cache_bytes``) keeps the rows of recently used experts; a forward routing more than
 ``FULL_READ_SHARE`` of the experts (a prefill) reads every row not cached, in one sequential pass per tensor.
+
+At batch 1 a decode token often runs the experts the previous token ran in the same layer. So when a module's hook
+has its rows, it starts reading, for the next ``SPECULATE_AHEAD`` experts modules, the rows of the experts their
+previous one-token forward routed to that are not cached: those reads overlap this module's compute and the next
+attention. The next module's hook keeps the rows routing confirms and gives back the others, counted in
+``expert_bytes_unused``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import logging
 import math
 import mmap
 from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FULL_READ_SHARE = 0.5  # above this share of experts routed in one forward, every row is read in one pass
+SPECULATE_AHEAD = 2  # experts modules whose previous token's experts are read ahead once a module has its rows
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
@@ -154,6 +162,15 @@ class ExpertCache:
             self.nbytes -= self._lru.pop(key)
 
 
+@dataclass
+class Speculation:
+    """Rows read ahead into a module's buffer: the experts, their reads in flight, and the bytes of each expert."""
+
+    experts: list[int] = field(default_factory=list)
+    futures: list[Future] = field(default_factory=list)
+    nbytes: dict[int, int] = field(default_factory=dict)
+
+
 class ExpertsHook(ModelHook):
     """Before a fused experts module runs, reads the rows of the experts ``top_k_index`` routes to (those not cached)
     into its buffer and puts views of it into the module; after, puts meta tensors back."""
@@ -188,6 +205,9 @@ class ExpertsHook(ModelHook):
         self._routing: inspect.Signature | None = None
         self._used: list[int] = []
         self.last_read: list[int] = []  # the experts whose rows the last forward read
+        self.ahead: list[ExpertsHook] = []  # the experts modules run next, whose reads this hook starts
+        self._candidates: list[int] = []  # the experts the last one-token forward routed to
+        self._speculation = Speculation()
 
     def __repr__(self) -> str:
         return f"ExpertsHook(group={self.group.name!r}, experts={self.num_experts})"
@@ -206,17 +226,26 @@ class ExpertsHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         """Read the routed experts' rows (unless cached) and put the module's tensors in place."""
-        bound = self._routing.bind(module, *args, **kwargs)
-        routed = sorted(
-            {int(e) for e in bound.arguments["top_k_index"].reshape(-1).tolist() if 0 <= e < self.num_experts}
-        )
+        index = self._routing.bind(module, *args, **kwargs).arguments["top_k_index"]
+        routed = sorted({int(e) for e in index.reshape(-1).tolist() if 0 <= e < self.num_experts})
         wanted = range(self.num_experts) if len(routed) > FULL_READ_SHARE * self.num_experts else routed
-        missing = [e for e in wanted if not self.cache.holds(self, e)]
+        speculation, self._speculation = self._speculation, Speculation()
+        self._used = sorted({*wanted, *speculation.experts})  # forgotten on abort unless cached
+        missing = [e for e in wanted if not self.cache.holds(self, e) and e not in speculation.nbytes]
         hits = sum(1 for e in routed if self.cache.holds(self, e))
-        self._used = list(wanted)
-        nbytes = self._read(missing)
-        self.last_read = missing
-        self.prefetcher.record_experts(nbytes, hits, len(routed) - hits)
+        segments = self._segments(missing)
+        _settle([*speculation.futures, *(self.prefetcher.reader.submit(segments, self.buffer) if segments else [])])
+        confirmed = [e for e in speculation.experts if e in set(wanted)]
+        self._verify(missing + confirmed)
+        unused = [e for e in speculation.experts if e not in set(wanted)]
+        for expert in unused:
+            self.forget(expert)
+        self._used, self.last_read = list(wanted), sorted(missing + confirmed)
+        nbytes = sum(s.length for s in segments) + sum(speculation.nbytes.values())
+        self.prefetcher.record_experts(nbytes, hits, len(routed) - hits, sum(speculation.nbytes[e] for e in unused))
+        self._candidates = routed if index.dim() and index.numel() == index.shape[-1] else []  # one token
+        for hook in self.ahead:
+            hook.speculate()
         grad = torch.is_grad_enabled()
         for t in self.tensors:
             end = t.start + t.shape[0] * t.row_bytes
@@ -226,6 +255,24 @@ class ExpertsHook(ModelHook):
                 value, requires_grad=grad and self._meta[t.attr].requires_grad
             )
         return args, kwargs
+
+    @property
+    def reading_ahead(self) -> list[int]:
+        """The experts whose rows are read ahead for this module's next forward."""
+        return list(self._speculation.experts)
+
+    def speculate(self) -> None:
+        """Start reading the rows of the experts the last one-token forward routed to, those not cached (unless reads
+        are in flight already); the next ``pre_forward`` keeps the ones routing confirms."""
+        experts = [e for e in self._candidates if not self.cache.holds(self, e)]
+        if self._speculation.experts or not experts:
+            return
+        segments = self._segments(experts)
+        self._speculation = Speculation(
+            experts,
+            self.prefetcher.reader.submit(segments, self.buffer),
+            {e: sum(end - start for start, end in (self._span(t, e) for t in self.tensors)) for e in experts},
+        )
 
     def post_forward(self, module: torch.nn.Module, output):
         """Put the meta tensors back and keep the rows used in the cache (within its budget)."""
@@ -240,6 +287,7 @@ class ExpertsHook(ModelHook):
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the rows it read that the cache does not hold are forgotten."""
         self.put_back(module)
+        self._used += self._drain()
         for expert in self._used:
             if not self.cache.holds(self, expert):
                 self.forget(expert)
@@ -253,21 +301,24 @@ class ExpertsHook(ModelHook):
         start, end = t.rows(expert)
         return start - start % ALIGNMENT, min(align_up(end), self.buffer.nbytes)
 
-    def _read(self, experts: list[int]) -> int:
-        """Read the rows of ``experts`` (consecutive ones: one request per tensor), all in flight; verify them."""
-        if not experts:
-            return 0
-        group = self.group
-        segments = []
+    def _segments(self, experts: list[int]) -> list[Segment]:
+        """The requests for the rows of sorted ``experts``: consecutive ones make one request per tensor."""
+        group, segments = self.group, []
         for t in self.tensors:
             for first, last in _runs(experts):
                 start, end = self._span(t, first)[0], self._span(t, last)[1]
                 needed = min(end, group.data_bytes) - start
                 segments.append(Segment(group.path, group.data_offset + start, end - start, start, needed))
-        for future in self.prefetcher.reader.submit(segments, self.buffer):
-            future.result()
-        self._verify(experts)
-        return sum(s.length for s in segments)
+        return segments
+
+    def _drain(self) -> list[int]:
+        """Wait for the reads started ahead, whatever their outcome; the experts they were for."""
+        speculation, self._speculation = self._speculation, Speculation()
+        for error in filter(None, (future.exception() for future in speculation.futures)):
+            logger.warning(
+                "%s: a read ahead of experts %s failed (its rows are not used): %s", self, speculation.experts, error
+            )
+        return speculation.experts
 
     def _verify(self, experts: list[int]) -> None:
         for t in self.tensors:
@@ -287,10 +338,19 @@ class ExpertsHook(ModelHook):
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
         for t in self.tensors:
             set_module_tensor_to_device(module, t.attr, "cpu", value=self.weights_map[t.attr])
+        self._drain()
+        self._candidates = []
         self.cache.drop(self)
         self.buffer.forget(0, self.buffer.nbytes)
         self.prefetcher.detach()
         return module
+
+
+def _settle(futures: list[Future]) -> None:
+    """Wait for every read, then raise the first error (no read is left writing into a buffer)."""
+    errors = [error for future in futures if (error := future.exception()) is not None]
+    if errors:
+        raise errors[0]
 
 
 def _runs(experts: list[int]) -> list[tuple[int, int]]:
@@ -324,10 +384,12 @@ def stream_experts(
     plan: DispatchPlan, manifest: Manifest, prefetcher: Prefetcher, cache_bytes: int, verify_every_read: bool
 ) -> None:
     """Attach an ``ExpertsHook`` to each experts entry of ``plan``, all sharing one cache of ``cache_bytes``."""
-    cache = ExpertCache(cache_bytes)
+    cache, hooks = ExpertCache(cache_bytes), []
     for (name, module), group in zip(plan.entries, plan.group_of_entry, strict=True):
         if name in plan.experts:
             prefix = f"{name}."
             weights = StoredWeights(manifest, prefix)
-            hook = ExpertsHook(prefetcher, manifest.groups[group], prefix, cache, weights, verify_every_read)
-            attach_experts_hook(module, hook)
+            hooks.append(ExpertsHook(prefetcher, manifest.groups[group], prefix, cache, weights, verify_every_read))
+            attach_experts_hook(module, hooks[-1])
+    for i, hook in enumerate(hooks):  # in the order they run; the last one reads ahead for the next forward's first
+        hook.ahead = [hooks[(i + step) % len(hooks)] for step in range(1, min(SPECULATE_AHEAD, len(hooks) - 1) + 1)]

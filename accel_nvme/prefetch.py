@@ -342,10 +342,10 @@ class Prefetcher:
             logger.info("%d nvme group holder(s) left by an interrupted forward were released", len(leaked))
         return leaked
 
-    def record_experts(self, nbytes: int, hits: int, misses: int) -> None:
+    def record_experts(self, nbytes: int, hits: int, misses: int, unused: int = 0) -> None:
         """Count expert rows read outside the group stream (``experts.py``) in the forward in progress."""
         with self._lock:
-            self._recorder.experts(nbytes, hits, misses)
+            self._recorder.experts(nbytes, hits, misses, unused)
 
     def forward_stats(self) -> list[ForwardStats]:
         """The last forwards (up to 64), oldest first; the one in progress, if any, last."""

@@ -25,7 +25,9 @@ class ForwardStats:
     read was in flight; ``stall_seconds``: time the compute waited for a group (CPU: the thread; CUDA: the GPU, from
     when the group was asked for to when its copy was done, timed with events, counted once they completed). Fused
     MoE experts are read one expert at a time (``experts.py``): ``expert_bytes_read`` (counted in ``bytes_read``
-    too), and the routed experts found in the expert cache (``expert_cache_hits``) or read (``expert_cache_misses``).
+    too), and the routed experts found in the expert cache (``expert_cache_hits``) or read (``expert_cache_misses``);
+    ``expert_bytes_unused``: rows read ahead for the experts the previous token used, that routing did not confirm
+    (counted in ``expert_bytes_read`` too).
     """
 
     seconds: float = 0.0
@@ -36,6 +38,7 @@ class ForwardStats:
     expert_bytes_read: int = 0
     expert_cache_hits: int = 0
     expert_cache_misses: int = 0
+    expert_bytes_unused: int = 0
 
     @property
     def expert_cache_hit_rate(self) -> float:
@@ -92,8 +95,10 @@ class ForwardRecorder:
         self.totals.groups_read += 1
         self.totals.bytes_read += nbytes
 
-    def experts(self, nbytes: int, hits: int, misses: int) -> None:
-        """Expert rows of ``nbytes`` were read for a fused experts module whose routed experts were ``hits`` cached."""
+    def experts(self, nbytes: int, hits: int, misses: int, unused: int = 0) -> None:
+        """Expert rows of ``nbytes`` were read for a fused experts module whose routed experts were ``hits`` cached;
+        ``unused`` of them were read ahead and not routed."""
+        self.totals.expert_bytes_unused += unused
         self.totals.bytes_read += nbytes
         self.totals.expert_bytes_read += nbytes
         self.totals.expert_cache_hits += hits
@@ -120,6 +125,7 @@ class ForwardRecorder:
         record.expert_bytes_read = self.totals.expert_bytes_read
         record.expert_cache_hits = self.totals.expert_cache_hits
         record.expert_cache_misses = self.totals.expert_cache_misses
+        record.expert_bytes_unused = self.totals.expert_bytes_unused
         return record
 
     def _since_start(self, record: ForwardStats) -> ForwardStats:
@@ -133,6 +139,7 @@ class ForwardRecorder:
         record.expert_bytes_read -= start.expert_bytes_read
         record.expert_cache_hits -= start.expert_cache_hits
         record.expert_cache_misses -= start.expert_cache_misses
+        record.expert_bytes_unused -= start.expert_bytes_unused
         return record
 
 

@@ -130,7 +130,8 @@ def routed_experts(model):
 
 def test_a_decode_token_reads_only_its_routed_experts(checkpoints, offload_dir):
     """At batch 1, bytes per decode token <= dense part + k/E x experts + one page per expert read (here the rows
-    are page multiples, so exactly k experts' rows per layer)."""
+    are page multiples, so exactly k experts' rows per layer); rows read ahead for the previous token's experts
+    that routing did not confirm are counted apart, at most k experts' rows per layer more."""
     path, tokens, _, _ = checkpoints["qwen3_moe"]
     model = load(path, offload_dir, expert_cache_bytes=0)
     seen = routed_experts(model)
@@ -146,13 +147,45 @@ def test_a_decode_token_reads_only_its_routed_experts(checkpoints, offload_dir):
     routed = 2 * len(hooks)
     for forward in decode:
         assert forward.expert_cache_hits + forward.expert_cache_misses == routed
-        assert forward.expert_bytes_read == routed * per_expert <= experts_bytes * 2 / 8 + routed * ALIGNMENT
+        used = forward.expert_bytes_read - forward.expert_bytes_unused
+        assert used == routed * per_expert <= experts_bytes * 2 / 8 + routed * ALIGNMENT
+        assert forward.expert_bytes_unused <= routed * per_expert
     # the dense part is read once per forward (a forward's window may hold the next one's first reads: read ahead)
     ahead = 2 * max(source.nbytes for source in hooks[0].prefetcher.sources)
     assert report.total.bytes_read - report.total.expert_bytes_read <= 6 * dense + ahead
     for hook in hooks:
         module = next(m for m in model.modules() if getattr(m, "_hf_hook", None) is hook)
         assert hook.last_read == seen[module], "the last token read exactly the experts it was routed to"
+
+
+def test_the_previous_tokens_experts_are_read_ahead(checkpoints, offload_dir):
+    """Without a cache, a one-token forward starts reading each layer's experts of the previous token before that
+    layer runs: the same token again reads exactly those (none unused); another token equals the model in RAM."""
+    path, _, _, reference = checkpoints["qwen3_moe"]
+    model = load(path, offload_dir, expert_cache_bytes=0)
+    seen = routed_experts(model)
+    hooks = {m: m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), ExpertsHook)}
+    (first, first_hook), *rest = hooks.items()
+    with torch.inference_mode():
+        model(IDS[:, :1])
+        # after a first token only the first layer knows a previous token: the last layer started its reads
+        assert first_hook.reading_ahead == seen[first] and all(hook.reading_ahead == [] for _, hook in rest)
+        model(IDS[:, :1])
+        again = accel_nvme.stats(model).forwards[-1]
+        assert again.expert_bytes_unused == 0 and again.expert_cache_hits == 0
+        assert again.expert_bytes_read == sum(len(seen[m]) * h.expert_bytes for m, h in hooks.items())
+        before = dict(seen)
+        other = model(IDS[:, 1:2]).logits
+        assert torch.equal(other, reference(IDS[:, 1:2]).logits)
+    # rows read ahead for the previous token's experts that this token did not route to are counted as unused
+    unused = {m: set(before[m]) - set(seen[m]) for m in hooks}
+    assert any(unused.values()), "the two tokens route alike: pick another second token"
+    expected = sum(len(unused[m]) * h.expert_bytes for m, h in hooks.items())
+    assert accel_nvme.stats(model).forwards[-1].expert_bytes_unused == expected
+    # and their rows are given back: with no cache, only the first layer's next reads are left in a buffer
+    assert all(not hook.buffer.tensor.any() for _, hook in rest)
+    accel_nvme.close(model)
+    assert all(hook.reading_ahead == [] for hook in hooks.values())
 
 
 def test_rows_not_routed_are_never_read(checkpoints, offload_dir):
@@ -246,7 +279,7 @@ def test_a_damaged_expert_is_refused_naming_the_file(checkpoints, offload_dir):
     hook = experts_hooks(model)[0]
     seen = routed_experts(model)
     with torch.inference_mode():
-        model(IDS[:, :1])
+        model(IDS[:, :2])  # two tokens: nothing is read ahead for the next forward (what was read is verified)
     module = next(m for m in model.modules() if getattr(m, "_hf_hook", None) is hook)
     expert = seen[module][0]
     t = hook.tensors[-1]
@@ -258,7 +291,7 @@ def test_a_damaged_expert_is_refused_naming_the_file(checkpoints, offload_dir):
         f.write(bytes([byte[0] ^ 0xFF]))
     damaged = f"{hook.group.path}: expert {expert} of '{t.attr}' does not match"
     with pytest.raises(GroupFileError, match=damaged), torch.inference_mode():
-        model(IDS[:, :1])
+        model(IDS[:, :2])
     assert not hook.buffer.tensor.any(), "the rows read by the forward that raised are forgotten"
     with torch.inference_mode():
         model(IDS[:, 1:2])  # a forward after the error starts clean (meta tensors were put back)
@@ -273,7 +306,8 @@ def test_rows_that_are_not_page_multiples_read_the_pages_they_touch(offload_dir,
     hook = experts_hooks(loaded)[0]
     rows = 6144 + 3072
     for forward in accel_nvme.stats(loaded).forwards[1:]:
-        assert forward.expert_bytes_read <= forward.expert_cache_misses * (rows + 2 * 2 * ALIGNMENT)
+        used = forward.expert_bytes_read - forward.expert_bytes_unused  # without rows read ahead and not routed
+        assert used <= forward.expert_cache_misses * (rows + 2 * 2 * ALIGNMENT)
     assert hook.expert_bytes <= rows + 2 * 2 * ALIGNMENT
 
 

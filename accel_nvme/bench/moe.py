@@ -191,8 +191,8 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, clock: _Clock | None = 
 
 
 def _stream_figures(model, first: int) -> dict:
-    """nvme modes: per decode token (forwards after ``first``, the prefill), the bytes read, the expert bytes, the
-    expert cache hit rate."""
+    """nvme modes: per decode token (forwards after ``first``, the prefill), the bytes read, the expert bytes (those
+    read ahead and not routed too, also apart), the expert cache hit rate."""
     import accel_nvme
 
     decode = accel_nvme.stats(model).forwards[first + 1 :]
@@ -201,6 +201,7 @@ def _stream_figures(model, first: int) -> dict:
     return {
         "bytes_per_token": sum(f.bytes_read for f in decode) / len(decode),
         "expert_bytes_per_token": sum(f.expert_bytes_read for f in decode) / len(decode),
+        "unused_expert_bytes_per_token": sum(f.expert_bytes_unused for f in decode) / len(decode),
         "expert_cache_hit_rate": hits / routed if routed else None,
     }
 

@@ -24,7 +24,8 @@ def _summarized(entry: dict) -> dict:
     """A mode's entry with its best decode tokens/s and its mean bytes per decode token (nvme modes)."""
     if entry["status"] != "ok" or entry["mode"] == "raw_direct":
         return entry
-    means = {k: _mean(entry, k) for k in ("bytes_per_token", "expert_bytes_per_token", "expert_cache_hit_rate")}
+    keys = ("bytes_per_token", "expert_bytes_per_token", "unused_expert_bytes_per_token", "expert_cache_hit_rate")
+    means = {k: _mean(entry, k) for k in keys}
     return entry | {"tokens_per_s": _best(entry, "tokens_per_s")} | (means if entry["mode"].startswith("nvme") else {})
 
 
@@ -92,6 +93,7 @@ def _row(e: dict) -> str:
     return (
         f"{e['mode']:<16} {e['tokens_per_s']:>10.2f} {1 / e['tokens_per_s']:>10.3f}"
         f" {_megabytes(e.get('bytes_per_token')):>12} {_megabytes(e.get('expert_bytes_per_token')):>12}"
+        f" {_megabytes(e.get('unused_expert_bytes_per_token')):>10}"
         f" {fmt(e.get('expert_cache_hit_rate'), '.0%'):>8} {e['peak_rss_mb']:>9.0f}  {exact}"
     )
 
@@ -120,7 +122,8 @@ def format_moe_report(report: dict) -> str:
     if report["squeeze"]:
         lines.append(f"squeezed: {report['squeeze']['free_ram_bytes'] / 1e9:.2f} GB of RAM left available")
     lines.append(
-        f"{'mode':<16} {'tokens/s':>10} {'s/token':>10} {'MB/token':>12} {'expert MB':>12} {'hits':>8}"
+        f"{'mode':<16} {'tokens/s':>10} {'s/token':>10} {'MB/token':>12} {'expert MB':>12} {'unused MB':>10}"
+        f" {'hits':>8}"
         f" {'peak MB':>9}  exact (tokens and logits equal to ram)"
     )
     lines += [_row(e) for e in report["modes"]]
