@@ -153,7 +153,7 @@ class ExpertCache:
                 self.nbytes += hook.expert_bytes
         while self.nbytes > self.budget:
             (owner, expert), nbytes = self._lru.popitem(last=False)
-            owner.forget(expert)
+            owner.evicted(expert)
             self.nbytes -= nbytes
 
     def drop(self, hook: ExpertsHook) -> None:
@@ -207,6 +207,7 @@ class ExpertsHook(ModelHook):
         self.last_read: list[int] = []  # the experts whose rows the last forward read
         self.ahead: list[ExpertsHook] = []  # the experts modules run next, whose reads this hook starts
         self._candidates: list[int] = []  # the experts the last one-token forward routed to
+        self._kept: set[int] = set()  # experts the cache let go of, whose rows wait to be read again ahead
         self._speculation = Speculation()
 
     def __repr__(self) -> str:
@@ -235,10 +236,13 @@ class ExpertsHook(ModelHook):
         hits = sum(1 for e in routed if self.cache.holds(self, e))
         segments = self._segments(missing)
         _settle([*speculation.futures, *(self.prefetcher.reader.submit(segments, self.buffer) if segments else [])])
-        confirmed = [e for e in speculation.experts if e in set(wanted)]
+        chosen = set(wanted)
+        confirmed = [e for e in speculation.experts if e in chosen]
         self._verify(missing + confirmed)
-        unused = [e for e in speculation.experts if e not in set(wanted)]
-        for expert in unused:
+        unused = [e for e in speculation.experts if e not in chosen]
+        kept, self._kept = self._kept, set()  # not read ahead after all (cached then), nor routed now: given back
+        stale = [e for e in kept if e not in speculation.nbytes and e not in chosen and not self.cache.holds(self, e)]
+        for expert in unused + stale:
             self.forget(expert)
         self._used, self.last_read = list(wanted), sorted(missing + confirmed)
         nbytes = sum(s.length for s in segments) + sum(speculation.nbytes.values())
@@ -287,10 +291,19 @@ class ExpertsHook(ModelHook):
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the rows it read that the cache does not hold are forgotten."""
         self.put_back(module)
-        self._used += self._drain()
+        self._used += [*self._drain(), *self._kept]
+        self._kept = set()
         for expert in self._used:
             if not self.cache.holds(self, expert):
                 self.forget(expert)
+
+    def evicted(self, expert: int) -> None:
+        """The cache let go of ``expert``: give back its RAM, unless the next read ahead reads its rows again into the
+        same pages (given back then, if routing does not confirm it)."""
+        if expert in self._candidates:
+            self._kept.add(expert)
+        else:
+            self.forget(expert)
 
     def forget(self, expert: int) -> None:
         """Give back the RAM of ``expert``'s rows; they read as zeros until read again."""
@@ -339,7 +352,7 @@ class ExpertsHook(ModelHook):
         for t in self.tensors:
             set_module_tensor_to_device(module, t.attr, "cpu", value=self.weights_map[t.attr])
         self._drain()
-        self._candidates = []
+        self._candidates, self._kept = [], set()
         self.cache.drop(self)
         self.buffer.forget(0, self.buffer.nbytes)
         self.prefetcher.detach()
