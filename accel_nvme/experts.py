@@ -23,6 +23,7 @@ import inspect
 import logging
 import math
 import mmap
+import os
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ class Speculation:
     experts: list[int] = field(default_factory=list)
     futures: list[Future] = field(default_factory=list)
     nbytes: dict[int, int] = field(default_factory=dict)
+    pid: int = field(default_factory=os.getpid)  # the process whose reader threads run the reads
 
 
 class ExpertsHook(ModelHook):
@@ -230,7 +232,7 @@ class ExpertsHook(ModelHook):
         index = self._routing.bind(module, *args, **kwargs).arguments["top_k_index"]
         routed = sorted({int(e) for e in index.reshape(-1).tolist() if 0 <= e < self.num_experts})
         wanted = range(self.num_experts) if len(routed) > FULL_READ_SHARE * self.num_experts else routed
-        speculation, self._speculation = self._speculation, Speculation()
+        speculation = self._take_speculation()
         self._used = sorted({*wanted, *speculation.experts})  # forgotten on abort unless cached
         missing = [e for e in wanted if not self.cache.holds(self, e) and e not in speculation.nbytes]
         hits = sum(1 for e in routed if self.cache.holds(self, e))
@@ -324,9 +326,19 @@ class ExpertsHook(ModelHook):
                 segments.append(Segment(group.path, group.data_offset + start, end - start, start, needed))
         return segments
 
+    def _take_speculation(self) -> Speculation:
+        """The reads started ahead, handed over. In a forked child they never complete (the parent's threads run
+        them): none then, and their rows are given back, to be read again."""
+        speculation, self._speculation = self._speculation, Speculation()
+        if speculation.pid == os.getpid():
+            return speculation
+        for expert in speculation.experts:
+            self.forget(expert)
+        return Speculation()
+
     def _drain(self) -> list[int]:
         """Wait for the reads started ahead, whatever their outcome; the experts they were for."""
-        speculation, self._speculation = self._speculation, Speculation()
+        speculation = self._take_speculation()
         for error in filter(None, (future.exception() for future in speculation.futures)):
             logger.warning(
                 "%s: a read ahead of experts %s failed (its rows are not used): %s", self, speculation.experts, error

@@ -1,6 +1,10 @@
 """Fused MoE experts read one expert at a time (experts.py): real transformers MoE classes at tiny configs."""
 
 import json
+import os
+import signal
+import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -191,6 +195,42 @@ def test_the_previous_tokens_experts_are_read_ahead(checkpoints, offload_dir):
         assert held == seen[module]
     accel_nvme.close(model)
     assert all(hook.reading_ahead == [] for hook in hooks.values())
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_reads_ahead(checkpoints, offload_dir):
+    """Reads ahead in flight at a fork never complete in the child (the parent's threads run them): the child reads
+    those rows again, exactly, instead of hanging; the parent goes on."""
+    path, _, _, reference = checkpoints["qwen3_moe"]
+    model = load(path, offload_dir, expert_cache_bytes=0)
+    with torch.inference_mode():
+        model(IDS[:, :1])
+    first = experts_hooks(model)[0]
+    assert first.reading_ahead
+    in_flight = Future()  # a read still running at the fork: finished in the parent only
+    first._speculation.futures.append(in_flight)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)  # torch's OpenMP pool is not fork-safe; one thread sums in its own order
+            with torch.inference_mode():
+                exact = torch.equal(model(IDS[:, :1]).logits, reference(IDS[:, :1]).logits)
+            os.write(write, b"exact" if exact else b"wrong")
+        finally:
+            os._exit(0)
+    os.close(write)
+    in_flight.set_result(0)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on its parent's reads ahead")
+        time.sleep(0.05)
+    assert os.read(read, 16) == b"exact"
+    os.close(read)
+    with torch.inference_mode():
+        assert torch.equal(model(IDS[:, :1]).logits, reference(IDS[:, :1]).logits)
 
 
 def test_rows_not_routed_are_never_read(checkpoints, offload_dir):
