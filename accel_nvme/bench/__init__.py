@@ -31,7 +31,7 @@ from accel_nvme.bench.config import (
     squeezed_max_hidden,
 )
 from accel_nvme.bench.models import write_llama_checkpoint
-from accel_nvme.bench.modes import BASE_MODES, MODES, Mode, parse_mode
+from accel_nvme.bench.modes import BASE_MODES, MODES, OPTIONAL_MODES, Mode, parse_mode
 from accel_nvme.bench.plot import plot_report
 from accel_nvme.bench.report import format_report
 from accel_nvme.bench.results import BatchResult, ModeResult
@@ -42,6 +42,7 @@ __all__ = [
     "LLAMA_MAX_HIDDEN",
     "MIN_FREE_RAM_BYTES",
     "MODES",
+    "OPTIONAL_MODES",
     "SQUEEZE_STAGING_SHARE",
     "STORAGE_DTYPES",
     "Ballast",
