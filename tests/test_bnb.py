@@ -153,18 +153,31 @@ def test_the_module_holds_its_streamed_state_only_in_its_forward(offload_dir, bi
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_transformers_llama_generates_exactly(offload_dir, bits):
-    """A tiny Llama whose decoder layers are quantized by bitsandbytes in RAM and dispatched to nvme; not frozen, so
-    grad-mode forwards keep bnb from repacking 4-bit weights until an inference forward does, in RAM as streamed, and
-    a backward gives the embedding's gradient exactly."""
-    pytest.importorskip("transformers")
+def test_a_transformers_llama_generates_exactly(tmp_path, offload_dir, bits):
+    """A tiny Llama loaded with ``BitsAndBytesConfig`` on the CPU (4-bit: nf4 with nested statistics; 8-bit: LLM.int8),
+    then dispatched with its layers on nvme. Not frozen: grad-mode forwards keep bnb from repacking 4-bit weights until
+    an inference forward does, in RAM as streamed, and a backward gives the embedding's gradient exactly."""
+    transformers = pytest.importorskip("transformers")
     from helpers import tiny_llama
 
-    def make():
-        model = tiny_llama()
-        return quantize(model, model.model.layers, bits)
+    tiny_llama().save_pretrained(tmp_path / "ckpt")
+    if bits == 4:
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
 
-    ram, model = make(), make()
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "ckpt", quantization_config=config, device_map="cpu"
+        )
+
+    ram, model = load(), load()
+    assert type(model.model.layers[0].mlp.up_proj.weight) is (bnb.nn.Params4bit if bits == 4 else bnb.nn.Int8Params)
     stored, tensors = quantized_bytes(model.model.layers)
     device_map = {"model.embed_tokens": "cpu", "model.layers": "nvme", "model.norm": "cpu", "model.rotary_emb": "cpu"}
     device_map["lm_head"] = "cpu"
