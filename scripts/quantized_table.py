@@ -206,14 +206,16 @@ def main() -> None:
         case(f"GGUF {qtype} (GGUFParameter), dispatch_model", gguf_model(qtype))
     case("bitsandbytes 4-bit nf4 on CPU, repacked before dispatch", bnb(4, repacked=True))
     case("bitsandbytes 4-bit fp4 on CPU, repacked before dispatch", bnb(4, "fp4", repacked=True))
-    case("bitsandbytes 4-bit nf4 on CPU, not repacked (repacked after each read)", bnb(4))
-    case("bitsandbytes 8-bit (LLM.int8) on CPU", bnb(8))
-    if not ONLY:
-        bf16_checkpoint()
+    # nf4, not repacked before dispatch: repacked after each read
+    case("bitsandbytes 4-bit on CPU", bnb(4))
+    case("bitsandbytes 8-bit on CPU", bnb(8))
+    bf16_checkpoint()
 
 
 def bf16_checkpoint() -> None:
     """A bf16 Llama checkpoint loaded with dtype=float32: nvme through from_pretrained, disk through transformers."""
+    if ONLY:
+        return
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
