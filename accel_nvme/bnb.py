@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,12 +78,20 @@ def _state_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass(frozen=True)
+class _Nested:
+    """A nested QuantState (``state2``) without its tensors."""
+
+    cls: type
+    attributes: dict[str, Any]
+
+
 def _without_tensors(state: Any) -> dict[str, Any]:
     """A QuantState's attributes, its tensors left out, nested states as attribute dicts of their own."""
     attributes = {}
     for attr, value in vars(state).items():
         if type(value).__name__ == "QuantState":
-            attributes[attr] = (type(value), _without_tensors(value))
+            attributes[attr] = _Nested(type(value), _without_tensors(value))
         elif not isinstance(value, torch.Tensor):
             attributes[attr] = value
     return attributes
@@ -92,8 +101,8 @@ def _fresh_state(cls: type, attributes: dict[str, Any], tensors: dict[str, torch
     """A new QuantState: ``attributes`` (nested ones rebuilt too) and the tensors named under ``prefix``."""
     state = cls.__new__(cls)
     for attr, value in attributes.items():
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], type):
-            value = _fresh_state(value[0], value[1], tensors, f"{prefix}{attr}.")
+        if isinstance(value, _Nested):
+            value = _fresh_state(value.cls, value.attributes, tensors, f"{prefix}{attr}.")
         state.__dict__[attr] = value
     for name, tensor in tensors.items():
         if name.startswith(prefix) and "." not in name[len(prefix) :]:
