@@ -126,23 +126,6 @@ def assert_refused(model: nn.Module, offload_dir, match: str) -> None:
     assert {name: type(t) for name, t in model.named_parameters()} == before
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_bitsandbytes_on_cpu_is_refused(offload_dir, bits):
-    bnb = pytest.importorskip("bitsandbytes")
-    model = net()
-    for block in model.blocks:
-        for attr in ("up", "down"):
-            linear = getattr(block, attr)
-            if bits == 4:
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=torch.float32)
-            else:
-                quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False)
-            quantized.load_state_dict(linear.state_dict())
-            setattr(block, attr, quantized.to("cpu"))
-    cls = "Params4bit" if bits == 4 else "Int8Params"
-    assert_refused(model, offload_dir, rf"module 'blocks\.0\.up': tensor 'weight' is a bitsandbytes\S*{cls}.*'cpu'")
-
-
 class TaggedParameter(nn.Parameter):
     """A Parameter subclass with state the tier does not know."""
 
