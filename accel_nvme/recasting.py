@@ -105,25 +105,16 @@ def _recast(hooks: list[NvmeAlignDevicesHook]) -> int:
 
 
 def _narrowed(hooks: list[NvmeAlignDevicesHook], manifest: Manifest) -> dict[str, torch.dtype]:
-    """Stored tensor name -> the narrower floating dtype its placeholder has now."""
+    """Stored tensor name -> the narrower floating dtype its placeholder has now (tied names share one placeholder,
+    ``modelstate.leave_meta_tensors``: one dtype)."""
     canonical = {member: name for group in manifest.groups for member, name in group.members.items()}
-    wanted: dict[str, dict[torch.dtype, str]] = {}
+    casts = {}
     for hook in hooks:
         for streamed in hook._streamed:
-            if getattr(streamed.meta, KIND_ATTR, None) is None:  # quantized tensors keep their blob
-                wanted.setdefault(canonical[streamed.name], {})[streamed.meta.dtype] = streamed.name
-    casts = {}
-    for name, dtypes in wanted.items():
-        stored = manifest.locate(name)[1].dtype
-        narrowed = [dtype for dtype in dtypes if dtype != stored and _narrows(stored, dtype)]
-        if narrowed and len(dtypes) > 1:
-            raise RuntimeError(
-                f"the tied weights {sorted(dtypes.values())} are stored once, as {name!r}, but now have the dtypes "
-                f"{sorted(map(str, dtypes))}: load the model again and cast all of them or none "
-                "(skip_modules_pattern), or apply the casting before dispatching"
-            )
-        if narrowed:
-            casts[name] = narrowed[0]
+            name, dtype = canonical[streamed.name], streamed.meta.dtype
+            stored = manifest.locate(name)[1].dtype
+            if getattr(streamed.meta, KIND_ATTR, None) is None and dtype != stored and _narrows(stored, dtype):
+                casts[name] = dtype  # quantized tensors (a ``TensorKind``) keep their blob
     return casts
 
 

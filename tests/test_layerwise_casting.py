@@ -141,3 +141,43 @@ def test_a_damaged_group_file_is_refused_and_nothing_is_left(offload_dir):
         cast(streamed)
     assert sorted(p.name for p in offload_dir.iterdir() if not p.name.endswith(".lock")) == before
     assert accel_nvme.group_files(streamed)[3] == path  # still the old folder
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_tied_weight_is_rewritten_once(offload_dir):
+    """Tied names share one placeholder, so casting one module casts the weight of both, as in RAM."""
+    model = Tied()
+    apply_layerwise_casting(model, FP8, torch.float32, skip_modules_pattern=())
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    streamed = accel_nvme.dispatch_model(Tied(), {"a": "nvme", "b": "nvme"}, offload_dir=offload_dir)
+    apply_layerwise_casting(streamed, FP8, torch.float32, skip_modules_pattern=())
+    assert file_dtypes(streamed) == {"a.weight": FP8, "a.bias": FP8, "b.bias": FP8}
+    with torch.no_grad():
+        assert torch.equal(streamed(x), expected)
+
+
+def test_a_model_with_fused_moe_experts_is_refused(offload_dir):
+    """Its experts groups are read by their own hooks (experts.py): not rewritten, refused with what to do."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.OlmoeConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    streamed = accel_nvme.dispatch_model(transformers.OlmoeForCausalLM(config), {"": "nvme"}, offload_dir=offload_dir)
+    with pytest.raises(RuntimeError, match=r"cannot be rewritten in a model with fused MoE experts .*before dispatch"):
+        apply_layerwise_casting(streamed, FP8, torch.float32, skip_modules_pattern=())
+    assert len(list(offload_dir.glob(f"{FOLDER_PREFIX}*"))) == 1
