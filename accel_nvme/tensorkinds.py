@@ -261,8 +261,8 @@ def rebuild(meta: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         _WARNED_NARROWED.add((stored.dtype, meta.dtype))
         logger.warning(
             "streamed weights are stored as %s and converted to %s after each read (the module's dtype changed after "
-            "dispatch, e.g. enable_layerwise_casting): outputs are exact, but each forward reads %d× the bytes; "
-            "apply the dtype before dispatching to stream %s",
+            "dispatch other than by diffusers' layerwise casting, which rewrites the groups: e.g. model.half()): "
+            "outputs are exact, but each forward reads %d× the bytes; call accel_nvme.recast(model) to stream %s",
             stored.dtype,
             meta.dtype,
             stored.dtype.itemsize // meta.dtype.itemsize,

@@ -210,6 +210,58 @@ def main() -> None:
     case("bitsandbytes 4-bit on CPU", bnb(4))
     case("bitsandbytes 8-bit on CPU", bnb(8))
     bf16_checkpoint()
+    flux_cast_after_from_pretrained()
+
+
+def flux_cast_after_from_pretrained() -> None:
+    """``enable_layerwise_casting`` (fp8 storage, fp32 compute) after ``from_pretrained(..., offload_backend="nvme")``
+    of a small Flux transformer, against the same casting of the model in RAM (its own allocations)."""
+    from diffusers import FluxTransformer2DModel
+
+    def build() -> FluxTransformer2DModel:
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
+            num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, axes_dims_rope=(16, 24, 24),
+        ).eval()  # fmt: skip
+
+    def cast(model):
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        return model
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 64, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 256, generator=g),
+        pooled_projections=torch.randn(1, 64, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(64, 3),
+        txt_ids=torch.zeros(8, 3),
+    )
+    in_ram = cast(build())
+    with torch.no_grad():
+        expected = in_ram(**inputs).sample
+    quantized = sum(t.numel() * t.element_size() for t in in_ram.state_dict().values())
+    dequantized = sum(t.numel() * t.element_size() for t in build().state_dict().values())
+    with tempfile.TemporaryDirectory() as folder:
+        build().save_pretrained(f"{folder}/flux")
+        results = []
+        for backend in ("nvme", None):
+            options = {"offload_backend": "nvme", "nvme_config": CONFIG} if backend else {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = cast(
+                    FluxTransformer2DModel.from_pretrained(
+                        f"{folder}/flux", device_map={"": "disk"}, offload_folder=f"{folder}/{backend}", **options
+                    )
+                )
+                with torch.no_grad():
+                    outputs = [model(**inputs).sample for _ in range(3)]
+            results.append("exact" if all(torch.equal(o, expected) for o in outputs) else "NOT equal")
+            if backend:
+                nvme = per_forward(model) / 1e6
+    sizes = f"{nvme:.3f} / {quantized / 1e6:.3f} / {dequantized / 1e6:.3f}"
+    print(f"| Flux, enable_layerwise_casting(fp8) after from_pretrained | {sizes} | {results[0]} | {results[1]} |")
 
 
 def bf16_checkpoint() -> None:
