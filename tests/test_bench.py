@@ -215,6 +215,7 @@ def test_storage_dtype_streams_fewer_bytes_with_exact_outputs(tmp_path):
     out = tmp_path / "bench.json"
     options = ["--no-squeeze", "--layers", "6", "--hidden", "256", "--batch", "4", "--forwards", "2"]
     options += ["--warm-forwards", "0", "--modes", "ram,nvme,accelerate_disk", "--storage-dtype", "float8_e4m3fn"]
+    options += ["--no-plot"]
     result = subprocess.run(
         _bench_command(tmp_path, *options, "--json", str(out)), capture_output=True, text=True, timeout=600
     )
