@@ -8,6 +8,7 @@ from .config import NvmeConfig
 from .dispatch import NvmeStats, close, dispatch_model, group_files, stats
 from .hooks import NvmeAlignDevicesHook
 from .integrations import install, uninstall
+from .recasting import recast
 
 __all__ = [
     "NvmeAlignDevicesHook",
@@ -17,6 +18,7 @@ __all__ = [
     "dispatch_model",
     "group_files",
     "install",
+    "recast",
     "stats",
     "uninstall",
 ]

@@ -56,12 +56,16 @@ def _percentages(text: str) -> tuple[float, ...]:
     return values
 
 
+def _forward_modes() -> tuple[str, ...]:
+    """The modes of the forward bench (linear, llama): the default ones, then the optional ones."""
+    return (*bench.MODES, *(m.name for m in bench.OPTIONAL_MODES))
+
+
 def _modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = sorted(set(modes) - set(bench.MODES) - set(MOE_MODES))
-    if not modes or unknown:
-        known = ", ".join(dict.fromkeys([*bench.MODES, *MOE_MODES]))
-        raise argparse.ArgumentTypeError(f"expected modes among {known}, got {text!r}")
+    known = tuple(dict.fromkeys([*_forward_modes(), *MOE_MODES]))
+    if not modes or set(modes) - set(known):
+        raise argparse.ArgumentTypeError(f"expected modes among {', '.join(known)}, got {text!r}")
     return modes
 
 
@@ -97,7 +101,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--modes",
         type=_modes,
-        help=f"default: {','.join(bench.MODES)}; --model moe: {','.join(MOE_MODES)}",
+        help=f"default: {','.join(bench.MODES)}; also nvme_copy; --model moe: {','.join(MOE_MODES)}",
     )
     b.add_argument(
         "--warm-forwards", type=int, help="timed warm forwards per batch, page cache kept (default 3 squeezed, else 2)"
@@ -202,8 +206,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         return
     args.layers = 16 if args.layers is None else args.layers
     args.modes = args.modes or bench.MODES
-    if set(args.modes) - set(bench.MODES):
-        parser.error(f"--modes: {', '.join(sorted(set(args.modes) - set(bench.MODES)))} only run with --model moe")
+    if set(args.modes) - set(_forward_modes()):
+        parser.error(f"--modes: {', '.join(sorted(set(args.modes) - set(_forward_modes())))} only run with --model moe")
     size = args.size if args.size is not None or args.hidden is not None else defaults["size"]
     forwards = defaults["forwards"] if args.forwards is None else args.forwards
     warm_forwards = defaults["warm_forwards"] if args.warm_forwards is None else args.warm_forwards

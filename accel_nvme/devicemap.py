@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from accelerate.utils import check_device_map
 
 from . import placement
 
@@ -101,7 +100,27 @@ def check_keys(model: torch.nn.Module, device_map: Mapping[str, Any]) -> None:
         raise ValueError(
             f"device_map names {unknown[:3]} which are neither modules nor parameters/buffers of {type(model).__name__}"
         )
-    check_device_map(model, device_map)
+    _check_covered(model, device_map)
+
+
+def _check_covered(model: torch.nn.Module, device_map: Mapping[str, Any]) -> None:
+    """accelerate's ``check_device_map`` on the names of parameters and persistent buffers: it lists
+    ``model.state_dict()``, whose save hooks can change a model (bitsandbytes unpacks repacked 4-bit weights)."""
+    if "" in device_map:
+        return
+    prefixes = tuple(f"{name}." for name in device_map)
+    persistent = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules(remove_duplicate=False)
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name not in module._non_persistent_buffers_set
+    }
+    tensors = [name for name, _ in model.named_parameters(remove_duplicate=False)] + sorted(persistent)
+    uncovered = [name for name in tensors if name not in device_map and not name.startswith(prefixes)]
+    if uncovered:
+        raise ValueError(
+            "The device_map provided does not give any device for the following parameters: " + ", ".join(uncovered)
+        )
 
 
 def _is_device(device: Any) -> bool:

@@ -22,7 +22,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, remove_hook_from_module, remove_hook_from_submodules
 from accelerate.utils import set_module_tensor_to_device
 
-from . import devicemap
+from . import devicemap, recasting
 from .config import NvmeConfig, load_config
 from .devicemap import NVME
 from .experts import ExpertsHook, stream_experts
@@ -139,6 +139,7 @@ def _dispatch_nvme(
             reader.close()
         raise
     model.nvme_device_map = plan.device_map
+    recasting.track(model)
     logger.info("%d nvme groups streaming from %s", len(plan.groups), manifest.folder)
     return model
 

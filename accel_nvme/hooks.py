@@ -24,7 +24,7 @@ from accelerate.utils import find_device, set_module_tensor_to_device
 from . import backward, owned
 from .arguments import send_to_device
 from .prefetch import Lease, Prefetcher
-from .tensorkinds import rebuild
+from .tensorkinds import installed, rebuild
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class _StreamedTensor:
 
     def put(self, value: torch.Tensor) -> None:
         (self.owner._parameters if self.is_param else self.owner._buffers)[self.attr] = value
+        installed(self.owner, self.meta, value)
 
 
 class NvmeAlignDevicesHook(AlignDevicesHook):
@@ -256,7 +257,8 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
             if type(value) in (torch.Tensor, torch.nn.Parameter):
                 set_module_tensor_to_device(module, local, "cpu", value=value)
             else:  # a quantized tensor, rebuilt in its own class: accelerate's setter would rebuild it as a plain one
-                streamed.put(torch.nn.Parameter(value, requires_grad=False) if streamed.is_param else value)
+                wrap = streamed.is_param and not isinstance(value, torch.nn.Parameter)
+                streamed.put(torch.nn.Parameter(value, requires_grad=False) if wrap else value)
         self.prefetcher.detach()
         return module
 

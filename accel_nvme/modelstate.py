@@ -15,7 +15,7 @@ from accelerate.utils import set_module_tensor_to_device
 
 from .planning import module_tensor, tensor_source
 from .store import CheckpointTensor, GroupPlan
-from .tensorkinds import kind_of, placeholder
+from .tensorkinds import installed, kind_of, placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def leave_meta_tensors(model: torch.nn.Module, plans: list[GroupPlan]) -> None:
     for plan in plans:
         for member, canonical in plan.members.items():
             owner, attr, tensor = module_tensor(model, member)
-            kind = kind_of(member, tensor)
+            kind = kind_of(member, tensor, owner)
             if canonical not in metas and kind is not None:  # accelerate's setter would rebuild it as a plain one
                 metas[canonical] = placeholder(tensor, kind)
             if canonical not in metas:
@@ -78,6 +78,7 @@ def leave_meta_tensors(model: torch.nn.Module, plans: list[GroupPlan]) -> None:
                 owner._parameters[attr] = metas[canonical]
             else:
                 owner._buffers[attr] = metas[canonical]
+            installed(owner, metas[canonical], metas[canonical])
 
 
 def own_cpu_tensors(model: torch.nn.Module) -> None:

@@ -410,6 +410,8 @@ class Prefetcher:
             slot.layout = self._layouts[index]
         self._requests.put((index, slot))
         self._slots[index] = slot
+        if not slot.from_ram:
+            self._recorder.read(slot.source.nbytes)
         return slot
 
     def _start_scheduler(self) -> None:
@@ -444,15 +446,13 @@ class Prefetcher:
                 slot.error = slot.error or future.exception()
             slot.pending -= 1
             last = slot.pending == 0
-            if last and slot.error is None:
-                self._recorder.read(slot.source.nbytes)
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug(
-                        "group %s: %d bytes read in %.4f s",
-                        slot.source.name,
-                        slot.source.nbytes,
-                        time.perf_counter() - slot.started,
-                    )
+            if last and slot.error is None and logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "group %s: %d bytes read in %.4f s",
+                    slot.source.name,
+                    slot.source.nbytes,
+                    time.perf_counter() - slot.started,
+                )
         if last:
             self._finish(slot)
 

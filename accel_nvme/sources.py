@@ -25,7 +25,15 @@ from .io import Segment
 from .planning import read_sources
 from .prefetch import GroupSource, TensorView
 from .staging import StagingBuffer
-from .store import CheckpointGroup, CheckpointTensor, GroupPlan, Manifest, check_private, manifest_digest
+from .store import (
+    CheckpointGroup,
+    CheckpointTensor,
+    GroupPlan,
+    Manifest,
+    check_private,
+    manifest_digest,
+    resaved_by_transformers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,8 @@ def stream_in_place(plans: list[GroupPlan], offload_dir: str | os.PathLike, copy
         for name, tensor in plan.tensors.items():
             if reason is None and not isinstance(tensor, CheckpointTensor):
                 reason = f"{name!r} is not read from a safetensors checkpoint (weights in RAM, or a .bin file)"
+            elif reason is None and resaved_by_transformers(tensor, offload_dir):
+                reason = f"{name!r} was converted at load and re-saved by transformers into {tensor.path}"
             elif reason is None and tensor.identity[3] != DTYPE_TO_SAFETENSORS.get(tensor.dtype):
                 reason = f"{name!r} is stored as {tensor.identity[3]} and computed as {tensor.dtype}"
             elif reason is None:

@@ -91,7 +91,7 @@ class ForwardRecorder:
         self._released_at = time.perf_counter()
 
     def read(self, nbytes: int) -> None:
-        """A group of ``nbytes`` was read."""
+        """A group read of ``nbytes`` was queued: it counts in the forward that asked for it, even if it ends later."""
         self.totals.groups_read += 1
         self.totals.bytes_read += nbytes
 

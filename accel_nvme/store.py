@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -211,16 +212,39 @@ class Manifest:
         return self.tensors[name]
 
 
-def _group_identity(plan: GroupPlan) -> str:
-    """SHA-256 of a group's tensors: their bytes when in RAM, their checkpoint identity when still on disk."""
+def resaved_by_transformers(tensor: CheckpointTensor, offload_dir: str | os.PathLike) -> bool:
+    """Whether ``tensor`` is a weight transformers re-saved into the offload folder during this load
+    (``offload_weight``: a weight converted at load, e.g. fused MoE experts). It rewrites that file at every load."""
+    return Path(tensor.path) == Path(os.path.realpath(offload_dir)) / f"{tensor.key}.safetensors"
+
+
+def _group_identity(plan: GroupPlan, offload_dir: str | os.PathLike) -> str:
+    """SHA-256 of a group's tensors: their bytes when in RAM or re-saved by transformers at each load, their
+    checkpoint identity when still on disk."""
     digest = hashlib.sha256()
     for name in storage_order(plan.tensors):
         tensor = plan.tensors[name]
-        if isinstance(tensor, CheckpointTensor):
+        if isinstance(tensor, CheckpointTensor) and resaved_by_transformers(tensor, offload_dir):
+            digest.update(repr(tensor.identity[2:]).encode())
+            digest.update(_stored_bytes_digest(tensor).encode())
+        elif isinstance(tensor, CheckpointTensor):
             digest.update(repr(tensor.identity).encode())
         else:
             digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
+
+
+def _stored_bytes_digest(tensor: CheckpointTensor, chunk: int = 64 << 20) -> str:
+    """XXH3-128 of the bytes ``tensor`` holds in its safetensors file, read in chunks."""
+    path, file_id, _, _, _, (begin, end), _ = tensor.identity
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        start = _data_start(path, file_id)
+        for offset in range(begin, end, chunk):
+            hasher.update(os.pread(f.fileno(), min(chunk, end - offset), start + offset))
+    if _file_identity(path) != file_id:
+        raise StoreError(f"{path} changed while its weights were being offloaded; load the model again")
+    return hasher.hexdigest()
 
 
 def _plan_spec(plan: GroupPlan) -> list:
@@ -350,7 +374,7 @@ def materialize(
     if not root.parent.is_dir():
         raise StoreError(f"offload folder {root}: its parent {root.parent} does not exist")
     with ThreadPoolExecutor(max(1, io_threads)) as pool:
-        identities = list(pool.map(_group_identity, plans))
+        identities = list(pool.map(functools.partial(_group_identity, offload_dir=root), plans))
     fp = fingerprint(plans, identities)
     folder = root / f"{FOLDER_PREFIX}{fp}"
     manifest = _reusable(folder, plans, fp)

@@ -7,10 +7,11 @@ Quantized tensors are stored as they are quantized, in one ``uint8`` blob per te
 
 - tensor subclasses (torchao, optimum-quanto) through their inner tensors: ``__tensor_flatten__`` at write,
   ``__tensor_unflatten__`` at read;
-- diffusers ``GGUFParameter``: its bytes, rebuilt with its class and attributes (``quant_type``).
+- diffusers ``GGUFParameter``: its bytes, rebuilt with its class and attributes (``quant_type``);
+- bitsandbytes ``Params4bit``/``Int8Params`` on the CPU: their bytes and their state's tensors, rebuilt by ``bnb.py``.
 
-Anything else that is not a plain tensor (bitsandbytes ``Params4bit``/``Int8Params``, unknown ``Parameter`` subclasses)
-is refused when the dispatch is planned, before anything is written.
+Anything else that is not a plain tensor (other bitsandbytes uses, unknown ``Parameter`` subclasses) is refused when
+the dispatch is planned, before anything is written.
 """
 
 from __future__ import annotations
@@ -62,10 +63,20 @@ class _Wrapper:
 
 
 @dataclass(frozen=True)
+class _Composite:
+    """Plain tensors and state that a library adapter (``bnb.py``) lays out and rebuilds: ``adapter.tensors(t)`` at
+    write, ``adapter.rebuild(inner)`` at read, ``adapter.install(owner, value)`` when the module takes ``value`` (or
+    gives it back: ``None``)."""
+
+    adapter: Any
+    inner: dict[str, _Leaf]
+
+
+@dataclass(frozen=True)
 class TensorKind:
     """How one quantized tensor sits in its ``uint8`` blob and how the module's tensor is rebuilt from it."""
 
-    root: _Leaf | _Wrapper
+    root: _Leaf | _Wrapper | _Composite
     nbytes: int
     parameter_cls: type | None = None  # a Parameter subclass with state, rebuilt with ``attributes``
     attributes: tuple[tuple[str, Any], ...] = ()
@@ -89,18 +100,18 @@ def _refuse(name: str, tensor: torch.Tensor, why: str) -> UnstreamableTensorErro
     )
 
 
-def kind_of(name: str, tensor: torch.Tensor) -> TensorKind | None:
-    """None for a plain tensor; how a quantized one is stored; ``UnstreamableTensorError`` for anything else."""
+def kind_of(name: str, tensor: torch.Tensor, owner: torch.nn.Module | None = None) -> TensorKind | None:
+    """None for a plain tensor; how a quantized one is stored; ``UnstreamableTensorError`` for anything else.
+
+    ``owner`` is the module holding ``tensor`` (bitsandbytes keeps part of a weight's state there).
+    """
     cls = type(tensor)
     if cls in (torch.Tensor, torch.nn.Parameter):
         return None
     if cls.__module__.startswith("bitsandbytes"):
-        raise _refuse(
-            name,
-            tensor,
-            "bitsandbytes keeps its quantization state apart from the weight's bytes and repacks both in place on "
-            "the CPU's first forward, so a streamed read would pair old bytes with the new state",
-        )
+        from .bnb import bnb_kind  # bnb.py builds its kinds with this module
+
+        return bnb_kind(name, tensor, owner)
     if (cls.__module__, cls.__qualname__) in _STATEFUL_PARAMETERS:
         attributes = dict(vars(tensor))
         plain = torch.Tensor._make_subclass(torch.Tensor, tensor.detach(), False)
@@ -133,9 +144,22 @@ def _describe(name: str, tensor: torch.Tensor, offset: int) -> tuple[_Leaf | _Wr
     return _Wrapper(type(tensor), ctx, tensor.size(), tensor.stride(), inner), offset
 
 
-def _leaves(node: _Leaf | _Wrapper, tensor: torch.Tensor):
+def composite_kind(name: str, tensors: dict[str, torch.Tensor], adapter: Any) -> TensorKind:
+    """The kind of a tensor that ``adapter`` splits into the plain ``tensors`` (one blob) and rebuilds after a read."""
+    inner, offset = {}, 0
+    for inner_name, tensor in tensors.items():
+        inner[inner_name], offset = _describe(name, torch.Tensor._make_subclass(torch.Tensor, tensor, False), offset)
+    return TensorKind(_Composite(adapter, inner), offset)
+
+
+def _leaves(node: _Leaf | _Wrapper | _Composite, tensor: torch.Tensor):
     if isinstance(node, _Leaf):
         yield node, tensor
+        return
+    if isinstance(node, _Composite):
+        tensors = node.adapter.tensors(tensor)
+        for inner_name, leaf in node.inner.items():
+            yield leaf, tensors[inner_name]
         return
     for inner_name, child in node.inner.items():
         yield from _leaves(child, getattr(tensor, inner_name))
@@ -153,26 +177,36 @@ def pack(tensor: torch.Tensor, kind: TensorKind) -> torch.Tensor:
     return blob
 
 
-def _unpack(node: _Leaf | _Wrapper, blob: torch.Tensor) -> torch.Tensor:
+def _unpack(node: _Leaf | _Wrapper | _Composite, blob: torch.Tensor) -> torch.Tensor:
     if isinstance(node, _Leaf):
         flat = blob[node.offset : node.offset + node.nbytes].view(node.dtype)
         inverse = sorted(range(len(node.order)), key=node.order.__getitem__)
         return flat.view(node.shape).permute(inverse)
+    if isinstance(node, _Composite):
+        return node.adapter.rebuild({inner_name: _unpack(leaf, blob) for inner_name, leaf in node.inner.items()})
     inner = {inner_name: _unpack(child, blob) for inner_name, child in node.inner.items()}
     return node.cls.__tensor_unflatten__(inner, node.ctx, node.size, node.stride)
 
 
-def stored_form(name: str, tensor: torch.Tensor, source: torch.Tensor | CheckpointTensor, main_device: Any) -> Any:
+def stored_form(
+    name: str,
+    tensor: torch.Tensor,
+    source: torch.Tensor | CheckpointTensor,
+    main_device: Any,
+    owner: torch.nn.Module | None = None,
+) -> Any:
     """What a group file stores for module tensor ``tensor`` whose bytes come from ``source``.
 
     A quantized tensor: its blob. A checkpoint tensor whose dtype widens exactly to the module's: as stored, when the
     execution device is a GPU, where converting after each read costs next to nothing; on the CPU the conversion
     costs more than the read it saves (docs/quantized.md), so the group file holds the module's dtype.
     """
-    kind = kind_of(name, tensor)
+    kind = kind_of(name, tensor, owner)
     if kind is not None:
         if isinstance(source, CheckpointTensor) or tensor.device.type == "meta":
             raise _refuse(name, tensor, "its quantized bytes are not in memory yet")
+        if isinstance(kind.root, _Composite) and torch.device(main_device).type != "cpu":
+            raise _refuse(name, tensor, f"its CPU format streams for a CPU execution device only, not {main_device!r}")
         return pack(tensor, kind)
     if isinstance(source, CheckpointTensor) and _is_cuda(main_device):
         stored = SAFETENSORS_TO_DTYPE.get(source.identity[3])
@@ -203,6 +237,14 @@ def placeholder(tensor: torch.Tensor, kind: TensorKind) -> torch.Tensor:
     return meta
 
 
+def installed(owner: torch.nn.Module, meta: torch.Tensor, value: torch.Tensor) -> None:
+    """``owner`` now holds ``value`` in place of ``meta`` (or ``meta`` again): an adapter updates the module's own
+    references to the tensor's state."""
+    kind = getattr(meta, KIND_ATTR, None)
+    if kind is not None and isinstance(kind.root, _Composite):
+        kind.root.adapter.install(owner, None if value is meta else value)
+
+
 def rebuild(meta: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """The module's tensor from what was read: a quantized one rebuilt, a plain one in the placeholder's dtype."""
     kind = getattr(meta, KIND_ATTR, None)
@@ -219,8 +261,8 @@ def rebuild(meta: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         _WARNED_NARROWED.add((stored.dtype, meta.dtype))
         logger.warning(
             "streamed weights are stored as %s and converted to %s after each read (the module's dtype changed after "
-            "dispatch, e.g. enable_layerwise_casting): outputs are exact, but each forward reads %d× the bytes; "
-            "apply the dtype before dispatching to stream %s",
+            "dispatch other than by diffusers' layerwise casting, which rewrites the groups: e.g. model.half()): "
+            "outputs are exact, but each forward reads %d× the bytes; call accel_nvme.recast(model) to stream %s",
             stored.dtype,
             meta.dtype,
             stored.dtype.itemsize // meta.dtype.itemsize,

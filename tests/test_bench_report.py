@@ -150,6 +150,25 @@ def test_llama_checkpoint_matches_its_shape_and_index(tmp_path):
     assert stored == index["weight_map"]
 
 
+def test_nvme_copy_mode_copies_the_checkpoint_and_nvme_streams_it_in_place(tmp_path):
+    """``--modes nvme,nvme_copy`` measures both ways of reading a checkpoint (issue 23): the groups of ``nvme`` read the
+    shards, those of ``nvme_copy`` read group files in its own folder."""
+    pytest.importorskip("transformers")
+    import accel_nvme
+
+    config = bench.BenchConfig(from_pretrained=True, layers=2, hidden=128)
+    checkpoint = tmp_path / "checkpoint"
+    bench.write_llama_checkpoint(bench.LlamaShape(hidden=128, layers=2, vocab=64), checkpoint)
+    copying = bench.parse_mode("nvme_copy")
+    assert copying.copy is True and copying.folder_name == "nvme_copy" and bench.parse_mode("nvme").copy is None
+    for mode, parent in (("nvme", checkpoint), ("nvme_copy", tmp_path / "nvme_copy")):
+        folder = tmp_path / bench.parse_mode(mode).folder_name
+        forward = bench.parse_mode(mode).setup(config)(config, folder, checkpoint)
+        files = accel_nvme.group_files(forward.args[0])
+        assert files and all(parent in f.parents for f in files), (mode, files)
+        accel_nvme.close(forward.args[0])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")

@@ -9,6 +9,7 @@ import torch
 
 from accel_nvme.devicemap import (
     STREAMED,
+    check_keys,
     check_values,
     device_of,
     execution_device,
@@ -72,3 +73,20 @@ def test_execution_device_is_a_full_torch_device():
     assert execution_device("cpu") == torch.device("cpu")
     assert execution_device(1) == torch.device("cuda", 1)
     assert execution_device("cuda:2") == torch.device("cuda", 2)
+
+
+class SavesBadly(torch.nn.Linear):
+    """A module whose state_dict hook changes it (as bitsandbytes' unpacks repacked 4-bit weights in place)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise AssertionError("state_dict() was called")
+
+
+def test_check_keys_lists_tensors_without_calling_state_dict():
+    model = torch.nn.Sequential(SavesBadly(2, 2), torch.nn.Linear(2, 2))
+    model[1].register_buffer("kept", torch.zeros(1))
+    model[1].register_buffer("scratch", torch.zeros(1), persistent=False)
+    check_keys(model, {"0": "nvme", "1": "cpu"})
+    check_keys(model, {"0": "nvme", "1.weight": "cpu", "1.bias": "cpu", "1.kept": "cpu"})  # scratch: not saved
+    with pytest.raises(ValueError, match=r"does not give any device for the following parameters: 1\.bias, 1\.kept"):
+        check_keys(model, {"0": "nvme", "1.weight": "cpu"})

@@ -33,6 +33,7 @@ MODULES = [
     "accel_nvme.planning",
     "accel_nvme.modelstate",
     "accel_nvme.dispatch",
+    "accel_nvme.recasting",
     "accel_nvme.placement",
     "accel_nvme.residency",
     "accel_nvme.maintenance",

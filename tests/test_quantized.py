@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 import accel_nvme
-from accel_nvme import tensorkinds
 from accel_nvme.format import ALIGNMENT, TENSOR_ALIGNMENT, align_up, read_layout
 from accel_nvme.tensorkinds import UnstreamableTensorError
 
@@ -126,23 +125,6 @@ def assert_refused(model: nn.Module, offload_dir, match: str) -> None:
     assert {name: type(t) for name, t in model.named_parameters()} == before
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_bitsandbytes_on_cpu_is_refused(offload_dir, bits):
-    bnb = pytest.importorskip("bitsandbytes")
-    model = net()
-    for block in model.blocks:
-        for attr in ("up", "down"):
-            linear = getattr(block, attr)
-            if bits == 4:
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=torch.float32)
-            else:
-                quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False)
-            quantized.load_state_dict(linear.state_dict())
-            setattr(block, attr, quantized.to("cpu"))
-    cls = "Params4bit" if bits == 4 else "Int8Params"
-    assert_refused(model, offload_dir, rf"module 'blocks\.0\.up': tensor 'weight' is a bitsandbytes\S*{cls}.*'cpu'")
-
-
 class TaggedParameter(nn.Parameter):
     """A Parameter subclass with state the tier does not know."""
 
@@ -177,11 +159,9 @@ def test_layerwise_casting_before_dispatch_streams_the_storage_dtype(offload_dir
     assert bytes_per_forward(streamed) < fp8 + DEPTH * ALIGNMENT < fp32
 
 
-def test_layerwise_casting_after_dispatch_is_honoured(offload_dir, caplog, monkeypatch):
-    """Applied after dispatch, the casting still rounds the weights as in RAM (converted after each read, with a
-    warning that the files hold the larger dtype)."""
+def test_layerwise_casting_after_dispatch_streams_the_storage_dtype(offload_dir, caplog):
+    """Applied after dispatch, the casting rewrites the groups once in fp8 (tests/test_layerwise_casting.py)."""
     hooks = pytest.importorskip("diffusers.hooks")
-    monkeypatch.setattr(tensorkinds, "_WARNED_NARROWED", set())  # warned once per process: maybe by an earlier test
     x = torch.randn(2, WIDTH)
     model = net()
     hooks.apply_layerwise_casting(model, torch.float8_e4m3fn, torch.float32, skip_modules_pattern=["norm"])
@@ -194,7 +174,9 @@ def test_layerwise_casting_after_dispatch_is_honoured(offload_dir, caplog, monke
         outputs = [streamed(x) for _ in range(3)]
     assert not torch.equal(expected, unrounded)
     assert all(torch.equal(output, expected) for output in outputs)
-    assert "stored as torch.float32 and converted to torch.float8_e4m3fn" in caplog.text
+    assert "converted to" not in caplog.text
+    fp8, fp32 = linear_bytes(net(), torch.float8_e4m3fn), linear_bytes(net(), torch.float32)
+    assert bytes_per_forward(streamed) < fp8 + DEPTH * ALIGNMENT < fp32
 
 
 CUDA = pytest.param(

@@ -5,7 +5,9 @@ waited for with one): a hang fails the test instead of wedging the suite.
 """
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import random
@@ -388,14 +390,17 @@ class Interrupt:
 
     STDLIB_SYNC = (os.sep + "threading.py", os.sep + "concurrent" + os.sep)
 
-    def __init__(self, at, ours_only):
+    def __init__(self, at, ours_only, only_in=None):
         self.at = at
         self.ours_only = ours_only
+        self.only_in = only_in  # count only lines of files whose path ends so
         self.seen = 0
 
     def __call__(self, frame, event, arg):
         filename = frame.f_code.co_filename
         if (self.ours_only and "accel_nvme" not in filename) or any(part in filename for part in self.STDLIB_SYNC):
+            return None
+        if self.only_in and not filename.endswith(self.only_in):
             return None
         executed = set()
 
@@ -411,12 +416,12 @@ class Interrupt:
 
 
 def traced_forward(model, interrupt):
-    sys.settrace(interrupt)
-    try:
-        with torch.inference_mode():
+    with torch.inference_mode():  # outside the trace: an interrupt in the test's own mode switch is not the model's
+        sys.settrace(interrupt)
+        try:
             return model(IDS)
-    finally:
-        sys.settrace(None)
+        finally:
+            sys.settrace(None)
 
 
 @pytest.mark.parametrize(("ours_only", "tries"), [(True, 100), (False, 60)])
@@ -435,6 +440,25 @@ def test_an_interrupt_at_any_line_of_a_forward_leaves_the_model_exact(ours_only,
         assert torch.equal(within(60, traced_forward, model, None), expected)
         assert_nothing_in_use(model)
     assert interrupted >= tries * 3 // 4, f"only {interrupted} of {tries} forwards were interrupted"
+
+
+GRAD_MODE_FILES = (os.path.join("torch", "autograd", "grad_mode.py"), os.path.join("torch", "utils", "_contextlib.py"))
+
+
+def test_an_interrupt_inside_a_grad_mode_switch_leaves_no_mode_behind(offload_dir):
+    """Ctrl-C at each line of torch's Python grad-mode switches a forward runs: the C++ guard such a switch left half
+    made, once collected, must not put a thread into another mode. The streaming path uses C-level guards, so it runs
+    none today; a Python ``torch.inference_mode(False)`` in ``_take`` failed here at its 7th line event."""
+    expected = tiny_lm()(IDS).detach()
+    model = accel_nvme.dispatch_model(tiny_lm(), LAYERS, offload_dir=offload_dir, config=DEPTH1)
+    counter = Interrupt(0, False, GRAD_MODE_FILES)
+    within(60, traced_forward, model, counter)
+    for at in range(1, counter.seen + 1):
+        with contextlib.suppress(KeyboardInterrupt):
+            within(60, traced_forward, model, Interrupt(at, False, GRAD_MODE_FILES))
+        gc.collect()  # a guard left behind is collected here, in this thread, and sets its modes now
+        assert (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) == (True, False), f"line event {at}"
+    assert torch.equal(within(60, traced_forward, model, None), expected)
 
 
 def test_an_interrupt_inside_acquire_gives_the_group_back_at_once(offload_dir):

@@ -34,7 +34,7 @@ from accel_nvme.bench.config import (
     squeezed_max_hidden,
 )
 from accel_nvme.bench.models import write_llama_checkpoint
-from accel_nvme.bench.modes import BASE_MODES, MODES, Mode, parse_mode
+from accel_nvme.bench.modes import BASE_MODES, MODES, OPTIONAL_MODES, Mode, parse_mode
 from accel_nvme.bench.moe import MOE_MODES, DecodeConfig, MoeShape
 from accel_nvme.bench.moe_report import format_moe_report
 from accel_nvme.bench.moe_run import run_moe
@@ -49,6 +49,7 @@ __all__ = [
     "MIN_FREE_RAM_BYTES",
     "MODES",
     "MOE_MODES",
+    "OPTIONAL_MODES",
     "SQUEEZE_STAGING_SHARE",
     "STORAGE_DTYPES",
     "Ballast",

@@ -22,7 +22,8 @@ class Mode:
     ``writes_files`` / ``writes_files_from_checkpoint``: its worker writes offload files (a progress bar follows
     them); ``raw``: reads without compute, the same at any batch; ``disk_anchor``: a disk offload nvme is measured
     against; ``warm_anchor``: a buffered path the page cache speeds up once warm; ``resident``: for nvme modes, the
-    resident budget, as a share of the model or ``"auto"``; ``requires``: a module that must import to run it.
+    resident budget, as a share of the model or ``"auto"``; ``copy``: for nvme modes, the ``copy`` setting (None: the
+    one in force, ``ACCEL_NVME_COPY`` or "auto"); ``requires``: a module that must import to run it.
     """
 
     name: str
@@ -37,6 +38,7 @@ class Mode:
     warm_anchor: bool = False
     resident: float | str | None = None
     offload_type: str | None = None
+    copy: bool | None = None
     requires: str | None = None
 
     def needs_ram(self, config: BenchConfig) -> bool:
@@ -49,8 +51,11 @@ class Mode:
 
     @property
     def folder_name(self) -> str:
-        """The worker's folder under the bench root: nvme modes share theirs (group files reused, not rewritten)."""
-        return "nvme" if self.nvme else self.name
+        """The worker's folder under the bench root: nvme modes share theirs (group files reused, not rewritten), but
+        for the one that copies the checkpoint."""
+        if self.nvme:
+            return "nvme_copy" if self.copy else "nvme"
+        return self.name
 
     def resident_budget(self, model_bytes: int) -> int | str:
         """The ``resident_budget`` setting of an nvme mode on a model of ``model_bytes``."""
@@ -62,7 +67,8 @@ class Mode:
         """The function that sets this mode up for ``config``'s model (its parameters bound)."""
         setup = self.llama_setup if config.from_pretrained else self.linear_setup
         if self.nvme:
-            return functools.partial(setup, resident_budget=self.resident_budget(config.model_bytes))
+            copy = {} if self.copy is None else {"copy": self.copy}
+            return functools.partial(setup, resident_budget=self.resident_budget(config.model_bytes), **copy)
         return setup
 
     def skip_reason(self) -> str | None:
@@ -109,6 +115,8 @@ BASE_MODES = (
     replace(NVME, name="nvme_auto", resident="auto"),
 )
 MODES = tuple(m.name for m in BASE_MODES)
+# run when asked for: nvme with the checkpoint copied into group files (the Linear model's weights always are)
+OPTIONAL_MODES = (replace(NVME, name="nvme_copy", copy=True),)
 
 
 def nvme_resident(share: float) -> Mode:
@@ -117,17 +125,19 @@ def nvme_resident(share: float) -> Mode:
 
 
 def parse_mode(name: str) -> Mode:
-    """The record of the mode called ``name``: one of ``MODES`` or ``nvme_resident_<percent>``."""
-    base = {m.name: m for m in BASE_MODES}
+    """The record of the mode called ``name``: one of ``MODES``, ``nvme_copy`` or ``nvme_resident_<percent>``."""
+    base = {m.name: m for m in (*BASE_MODES, *OPTIONAL_MODES)}
     if name in base:
         return base[name]
     percent = name.removeprefix(RESIDENT_PREFIX)
     if name.startswith(RESIDENT_PREFIX) and percent.isdigit():
         return replace(NVME, name=name, resident=int(percent) / 100)
-    raise ValueError(f"expected a bench mode among {', '.join(MODES)} or {RESIDENT_PREFIX}<percent>, got {name!r}")
+    known = ", ".join((*MODES, *(m.name for m in OPTIONAL_MODES)))
+    raise ValueError(f"expected a bench mode among {known} or {RESIDENT_PREFIX}<percent>, got {name!r}")
 
 
 def selected_modes(names: Iterable[str], shares: Iterable[float]) -> list[Mode]:
-    """The modes a run measures, in ``MODES`` order, then nvme at each resident share above 0."""
+    """The modes a run measures, in ``MODES`` order, then ``nvme_copy``, then nvme at each resident share above 0."""
     wanted = set(names)
-    return [m for m in BASE_MODES if m.name in wanted] + [nvme_resident(s) for s in shares if s > 0]
+    chosen = [m for m in (*BASE_MODES, *OPTIONAL_MODES) if m.name in wanted]
+    return chosen + [nvme_resident(s) for s in shares if s > 0]

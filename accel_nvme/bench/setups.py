@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from accel_nvme.bench.ballast import PAGE
 from accel_nvme.bench.config import BenchConfig
@@ -128,12 +129,14 @@ def setup_diffusers_disk(config: BenchConfig, folder: Path, checkpoint: Path | N
     return _apply_diffusers_disk(build_model(config), folder)
 
 
-def setup_nvme(config: BenchConfig, folder: Path, checkpoint: Path | None, resident_budget: int | str = 0) -> Callable:
+def setup_nvme(
+    config: BenchConfig, folder: Path, checkpoint: Path | None, resident_budget: int | str = 0, **settings: Any
+) -> Callable:
     """accel_nvme's ``dispatch_model`` with every Linear layer on "nvme", ``resident_budget`` kept loaded."""
     import accel_nvme
 
     device_map = {str(i): "nvme" for i in range(config.layers)}
-    settings = accel_nvme.config.load_config(resident_budget=resident_budget)
+    settings = accel_nvme.config.load_config(resident_budget=resident_budget, **settings)
     return accel_nvme.dispatch_model(
         build_model(config), device_map, offload_dir=str(folder), main_device="cpu", config=settings
     )
@@ -162,10 +165,13 @@ def setup_llama_diffusers_disk(config: BenchConfig, folder: Path, checkpoint: Pa
     return functools.partial(logits, _apply_diffusers_disk(load_llama(checkpoint), folder))
 
 
-def setup_llama_nvme(config: BenchConfig, folder: Path, checkpoint: Path, resident_budget: int | str = 0) -> Callable:
+def setup_llama_nvme(
+    config: BenchConfig, folder: Path, checkpoint: Path, resident_budget: int | str = 0, **settings: Any
+) -> Callable:
     """What a user runs: ``from_pretrained(..., offload_backend="nvme")`` streams the checkpoint's layers."""
     import accel_nvme  # noqa: F401  (teaches from_pretrained offload_backend="nvme")
 
     kwargs = {"offload_backend": "nvme", "offload_folder": str(folder), "nvme_resident_budget": resident_budget}
+    kwargs |= {f"nvme_{name}": value for name, value in settings.items()}
     model = load_llama(checkpoint, device_map="auto", max_memory={"cpu": "20KB"}, **kwargs)
     return functools.partial(logits, model)

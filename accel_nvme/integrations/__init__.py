@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from .. import dispatch
-from . import accelerate, diffusers, peft, single_file, transformers
+from . import accelerate, casting, diffusers, peft, single_file, transformers
 from .patching import patch, restore_all
 
 DISPATCH_MODEL_BOUND_IN = (
@@ -37,6 +37,7 @@ for _name, _patch in (
     *accelerate.PATCHES.items(),
     *transformers.PATCHES.items(),
     *diffusers.PATCHES.items(),
+    *casting.PATCHES.items(),
     *single_file.PATCHES.items(),
     *peft.PATCHES.items(),
 ):
