@@ -20,7 +20,7 @@ from accel_nvme.bench.ballast import Ballast, child_env
 from accel_nvme.bench.config import fits_in_ram
 from accel_nvme.bench.moe import MOE_MODES, DecodeConfig, write_moe_checkpoint
 from accel_nvme.bench.moe_report import moe_report
-from accel_nvme.bench.runner import WORKER_TIMEOUT_S, _machine_info
+from accel_nvme.bench.runner import _machine_info, wait_worker, worker_failure
 
 logger = logging.getLogger(__name__)
 
@@ -35,25 +35,13 @@ def _run_mode(mode: str, config: DecodeConfig, root: Path, checkpoint: Path) -> 
         *("--outputs", str(root / f"{mode}.outputs.pt"), "--json-out", str(json_out)),
         *("--parent-pid", str(os.getpid())),
     ]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
-        try:
-            returncode = process.wait(timeout=WORKER_TIMEOUT_S)
-        except BaseException:  # Ctrl-C or the timeout: the worker goes before the folder does
-            process.kill()
-            process.wait()
-            if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
-                raise
-            return {"mode": mode, "status": "failed", "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    with open(log_path, "w") as log:  # Ctrl-C or the timeout: the worker goes before the folder does
+        returncode = wait_worker(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env()))
     if not mode.startswith("nvme"):
         shutil.rmtree(root / mode, ignore_errors=True)
-    if returncode == -9:
-        return {"mode": mode, "status": "killed", "error": "killed by SIGKILL (the OOM killer, most likely)"}
-    if returncode != 0 or not json_out.exists():
-        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        error = f"exit status {returncode}: {lines[-1] if lines else '(no output)'}"
-        logger.warning("mode %s failed, %s", mode, error)
-        return {"mode": mode, "status": "failed", "error": error}
+    failure = worker_failure(mode, returncode, log_path.read_text(errors="replace"), json_out)
+    if failure is not None:
+        return {"mode": mode, "status": failure[0], "error": failure[1]}
     logger.info("mode %s done in %.1f s", mode, time.perf_counter() - start)
     return json.loads(json_out.read_text())
 

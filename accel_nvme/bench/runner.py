@@ -80,7 +80,7 @@ def _files_progress(folder: Path, total: int, desc: str, enabled: bool) -> Itera
         yield update
 
 
-def _wait(process: subprocess.Popen, update: Callable[[], None]) -> int | None:
+def wait_worker(process: subprocess.Popen, update: Callable[[], None] = lambda: None) -> int | None:
     """Wait for ``process``, updating the bar; None when it ran past the timeout (it is then killed)."""
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     try:
@@ -108,18 +108,26 @@ def _worker_command(mode: Mode, config: BenchConfig, root: Path, checkpoint: Pat
     ]
 
 
-def _outcome(mode: Mode, returncode: int | None, output: str, json_out: Path) -> ModeResult:
-    """The worker's answer, or what became of it: a failing worker is a result, never an exception."""
+def worker_failure(name: str, returncode: int | None, output: str, json_out: Path) -> tuple[str, str] | None:
+    """``(status, error)`` of mode ``name``'s worker when it gave no answer (timed out, killed, failed), else None."""
     if returncode is None:
-        return ModeResult(mode, "failed", error=f"timed out after {WORKER_TIMEOUT_S} s")
+        return "failed", f"timed out after {WORKER_TIMEOUT_S} s"
     if returncode == -9:
         error = "killed by SIGKILL (the OOM killer, most likely: see dmesg)"
-        logger.warning("mode %s %s", mode.name, error)
-        return ModeResult(mode, "killed", error=error)
+        logger.warning("mode %s %s", name, error)
+        return "killed", error
     if returncode != 0 or not json_out.exists():
         error = f"exit status {returncode}: {_last_line(output)}"
-        logger.warning("mode %s failed, %s", mode.name, error)
-        return ModeResult(mode, "failed", error=error)
+        logger.warning("mode %s failed, %s", name, error)
+        return "failed", error
+    return None
+
+
+def _outcome(mode: Mode, returncode: int | None, output: str, json_out: Path) -> ModeResult:
+    """The worker's answer, or what became of it: a failing worker is a result, never an exception."""
+    failure = worker_failure(mode.name, returncode, output, json_out)
+    if failure is not None:
+        return ModeResult(mode, failure[0], error=failure[1])
     return ModeResult.from_json(json.loads(json_out.read_text()))
 
 
@@ -133,7 +141,8 @@ def _run_mode(mode: Mode, config: BenchConfig, root: Path, checkpoint: Path | No
         open(log_path, "w") as log,
         _files_progress(folder, config.model_bytes, f"{mode.name}: files", mode.writes(config)) as update,
     ):
-        returncode = _wait(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env()), update)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        returncode = wait_worker(process, update)
     output = log_path.read_text(errors="replace")
     logger.debug("worker %s output:\n%s", mode.name, output)
     if not mode.nvme:  # nvme modes share their group files (reused, not rewritten)
