@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,6 +57,10 @@ class ForwardStats:
         if not self.read_seconds:
             return 1.0
         return min(1.0, max(0.0, 1.0 - self.stall_seconds / self.read_seconds))
+
+
+# figures kept as running totals, a forward's the difference (``seconds`` is timed, ``read_seconds`` the reader's)
+_RUNNING = tuple(f.name for f in fields(ForwardStats) if f.name not in ("seconds", "read_seconds"))
 
 
 class ForwardRecorder:
@@ -118,28 +122,17 @@ class ForwardRecorder:
         return records
 
     def _snapshot(self, record: ForwardStats) -> ForwardStats:
-        record.groups_read = self.totals.groups_read
-        record.bytes_read = self.totals.bytes_read
+        """``record`` set to the running totals (``seconds`` left as it is)."""
+        for name in _RUNNING:
+            setattr(record, name, getattr(self.totals, name))
         record.read_seconds = self.reader.busy_seconds
-        record.stall_seconds = self.totals.stall_seconds
-        record.expert_bytes_read = self.totals.expert_bytes_read
-        record.expert_cache_hits = self.totals.expert_cache_hits
-        record.expert_cache_misses = self.totals.expert_cache_misses
-        record.expert_bytes_unused = self.totals.expert_bytes_unused
         return record
 
     def _since_start(self, record: ForwardStats) -> ForwardStats:
         self._snapshot(record)
-        start = self._start
+        for name in (*_RUNNING, "read_seconds"):
+            setattr(record, name, getattr(record, name) - getattr(self._start, name))
         record.seconds = max(0.0, self._released_at - self._started_at)
-        record.groups_read -= start.groups_read
-        record.bytes_read -= start.bytes_read
-        record.read_seconds -= start.read_seconds
-        record.stall_seconds -= start.stall_seconds
-        record.expert_bytes_read -= start.expert_bytes_read
-        record.expert_cache_hits -= start.expert_cache_hits
-        record.expert_cache_misses -= start.expert_cache_misses
-        record.expert_bytes_unused -= start.expert_bytes_unused
         return record
 
 
