@@ -198,7 +198,7 @@ def plan_groups(
             canonical = owners.setdefault(id(tensor), full)
             if canonical == full:
                 source = tensor_source([full, *aliases[id(tensor)]], tensor, index, mapped)
-                holder = module.get_submodule(local.rpartition(".")[0])
+                holder, _, _ = module_tensor(module, local)
                 plan.tensors[full] = stored_form(full, tensor, source, main_device, holder)
             plan.members[full] = canonical
         plans.append(plan)
