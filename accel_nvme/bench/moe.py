@@ -9,7 +9,6 @@ checkpoint's shards read with O_DIRECT, the disk's rate), ``accelerate_disk`` (t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import resource
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from accel_nvme.bench.ballast import die_with_parent
 from accel_nvme.bench.probes import drop_page_cache, proc_status_mb, reset_peak_rss
+from accel_nvme.bench.worker import worker_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -267,19 +266,8 @@ def run_mode(mode: str, config: DecodeConfig, folder: Path, checkpoint: Path, ou
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m accel_nvme.bench.moe`` (started by ``accel-nvme bench --model moe``)."""
-    parser = argparse.ArgumentParser(description="One accel-nvme MoE decode bench mode.")
-    parser.add_argument("--mode", required=True, choices=MOE_MODES)
-    parser.add_argument("--config", required=True, help="DecodeConfig as JSON")
-    parser.add_argument("--folder", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--outputs", type=Path, required=True)
-    parser.add_argument("--json-out", type=Path, required=True)
-    parser.add_argument("--parent-pid", type=int, help="die with this process (the bench)")
-    args = parser.parse_args(argv)
-    if args.parent_pid is not None:
-        die_with_parent(args.parent_pid)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    args.folder.mkdir(parents=True, exist_ok=True)
+    description = "One accel-nvme MoE decode bench mode."
+    args = worker_arguments(argv, description, {"choices": MOE_MODES}, {"required": True})
     config = DecodeConfig.from_json(json.loads(args.config))
     args.json_out.write_text(json.dumps(run_mode(args.mode, config, args.folder, args.checkpoint, args.outputs)))
 

@@ -206,13 +206,14 @@ def _mode_argument(name: str) -> Mode:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m accel_nvme.bench`` (started by ``accel-nvme bench``, one process per mode)."""
-    parser = argparse.ArgumentParser(description="One accel-nvme bench mode (started by `accel-nvme bench`).")
-    parser.add_argument("--mode", required=True, type=_mode_argument, help="one of MODES, or nvme_resident_<percent>")
-    parser.add_argument("--config", required=True, help="BenchConfig as JSON")
+def worker_arguments(argv: list[str] | None, description: str, mode: dict, checkpoint: dict) -> argparse.Namespace:
+    """The arguments ``accel-nvme bench`` passes a worker (``mode`` and ``checkpoint``: their own options); the worker
+    then dies with the bench, logs, and has its folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--mode", required=True, **mode)
+    parser.add_argument("--config", required=True, help="the bench's config as JSON")
     parser.add_argument("--folder", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, help="the Llama checkpoint (from_pretrained runs)")
+    parser.add_argument("--checkpoint", type=Path, **checkpoint)
     parser.add_argument("--outputs", type=Path, required=True)
     parser.add_argument("--json-out", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, help="die with this process (the bench)")
@@ -220,7 +221,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    config = BenchConfig.from_json(json.loads(args.config))
     args.folder.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m accel_nvme.bench`` (started by ``accel-nvme bench``, one process per mode)."""
+    args = worker_arguments(
+        argv,
+        "One accel-nvme bench mode (started by `accel-nvme bench`).",
+        {"type": _mode_argument, "help": "one of MODES, or nvme_resident_<percent>"},
+        {"help": "the Llama checkpoint (from_pretrained runs)"},
+    )
+    config = BenchConfig.from_json(json.loads(args.config))
     result = run_worker(args.mode, config, args.folder, args.outputs, args.checkpoint)
     args.json_out.write_text(json.dumps(result.to_json()))
