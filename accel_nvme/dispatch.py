@@ -25,6 +25,7 @@ from accelerate.utils import set_module_tensor_to_device
 from . import devicemap, recasting
 from .config import NvmeConfig, load_config
 from .devicemap import NVME
+from .expert_modules import ExpertModuleHook, ExpertRoundHook
 from .experts import ExpertsHook, stream_experts
 from .hooks import NvmeAlignDevicesHook, attach_nvme_hook
 from .io import FileReader
@@ -116,7 +117,7 @@ def _dispatch_nvme(
     plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes, per_expert)
     stream_in_place(plan.groups, config.offload_dir, config.copy)
     manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)
-    streamed = [group.index for group in manifest.groups if not group.row_digests]  # experts groups are not streamed
+    streamed = [i for i, group in enumerate(plan.groups) if not group.per_expert]  # experts groups are not streamed
     every_source = group_sources(manifest, config.verify_on_read)
     sources = [every_source[i] for i in streamed]
     reader = prefetcher = None
@@ -130,7 +131,7 @@ def _dispatch_nvme(
         tensor_keys = [module_tensor(model, name) for name in plan.tensor_keys]
         model = _accelerate_dispatch(model, plan, main_device, manifest, index, accelerate_kwargs)
         _swap_hooks(plan, prefetcher, manifest, execution_device, accelerate_kwargs["skip_keys"], streamed)
-        stream_experts(plan, manifest, prefetcher, config.expert_cache_bytes, config.verify_on_read)
+        stream_experts(model, plan, manifest, prefetcher, config.expert_cache_bytes, config.verify_on_read)
         _put_back(tensor_keys)
     except BaseException:
         if prefetcher is not None:
@@ -232,7 +233,7 @@ def _quiet_accelerate() -> Iterator[None]:
         accelerate_logger.removeFilter(drop)
 
 
-_NVME_HOOKS = (NvmeAlignDevicesHook, ExpertsHook)
+_NVME_HOOKS = (NvmeAlignDevicesHook, ExpertsHook, ExpertModuleHook, ExpertRoundHook)
 
 
 def _nvme_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -248,10 +249,15 @@ def _prefetcher(model: torch.nn.Module) -> Prefetcher:
     return modules[0]._hf_hook.prefetcher
 
 
+def _expert_files(modules: list[torch.nn.Module]) -> list[Path]:
+    """The group files the MoE experts among ``modules`` are read from, one expert at a time."""
+    hooks = [m._hf_hook for m in modules if isinstance(m._hf_hook, (ExpertsHook, ExpertModuleHook))]
+    return list(dict.fromkeys(hook.group.path for hook in hooks))
+
+
 def group_files(model: torch.nn.Module) -> list[Path]:
-    """The group files ``model``'s nvme modules stream from, in group order; then those of its fused MoE experts."""
-    experts = [m._hf_hook.group.path for m in _nvme_modules(model) if isinstance(m._hf_hook, ExpertsHook)]
-    return [*(source.segments[0].path for source in _prefetcher(model).sources), *experts]
+    """The group files ``model``'s nvme modules stream from, in group order; then those of its MoE experts."""
+    return [*(source.segments[0].path for source in _prefetcher(model).sources), *_expert_files(_nvme_modules(model))]
 
 
 def close(model: torch.nn.Module, load_back: bool = True) -> None:
@@ -284,6 +290,6 @@ def stats(model: torch.nn.Module) -> NvmeStats:
     total.seconds = sum(f.seconds for f in forwards)
     resident = [prefetcher.sources[i] for i in prefetcher.resident]
     hooked = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "_hf_hook", None), _NVME_HOOKS)]
-    groups = len(prefetcher.sources) + sum(isinstance(m._hf_hook, ExpertsHook) for _, m in hooked)
+    groups = len(prefetcher.sources) + len(_expert_files([m for _, m in hooked]))
     modules = [name for name, _ in hooked]
     return NvmeStats(groups, [r.name for r in resident], sum(r.nbytes for r in resident), forwards, total, modules)

@@ -18,25 +18,20 @@ attention. The next module's hook keeps the rows routing confirms and gives back
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
-import mmap
-import os
-from collections import OrderedDict
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate.hooks import ModelHook, add_hook_to_module
+from accelerate.hooks import ModelHook
 from accelerate.utils import set_module_tensor_to_device
 
-from .format import ALIGNMENT, GroupFileError, align_up, digest
-from .io import Segment
+from .expert_modules import expert_starts, is_expert_list, stream_expert_list
+from .expert_rows import Check, Expert, ExpertCache, ExpertRows, attach_with_abort
 from .prefetch import Prefetcher
-from .store import GroupPlan, Manifest, StoredGroup, StoredWeights
+from .store import GroupPlan, Manifest, StoredWeights
 
 if TYPE_CHECKING:
     from .planning import DispatchPlan
@@ -62,36 +57,45 @@ def is_fused_experts(module: torch.nn.Module) -> bool:
     )
 
 
+def is_experts(name: str, module: torch.nn.Module) -> bool:
+    """A module read one expert at a time: fused experts, or a list of expert modules (``expert_modules.py``)."""
+    return is_fused_experts(module) or is_expert_list(name, module)
+
+
 def split_experts(entries: list[tuple[str, torch.nn.Module]]) -> tuple[list[tuple[str, torch.nn.Module]], set[str]]:
-    """``entries`` with every fused experts module inside one made an entry of its own, right after it; and the names
-    of the experts entries."""
+    """``entries`` with every experts module inside one (fused, or a list of experts) made an entry of its own, right
+    after it; and the names of the experts entries."""
     split: list[tuple[str, torch.nn.Module]] = []
     experts: set[str] = set()
     for name, module in entries:
         split.append((name, module))
-        if is_fused_experts(module):
+        if is_experts(name, module):
             experts.add(name)
             continue
         for inner, submodule in module.named_modules(prefix=name):
-            if submodule is not module and is_fused_experts(submodule):
+            if submodule is not module and is_experts(inner, submodule):
                 split.append((inner, submodule))
                 experts.add(inner)
     return split, experts
 
 
-def mark_experts(names: list[str], plans: list[GroupPlan], experts: set[str]) -> None:
-    """Mark the plans of experts entries: their tensors are stored page-aligned, with a digest per expert."""
-    for name, plan in zip(names, plans, strict=True):
+def mark_experts(entries: list[tuple[str, torch.nn.Module]], plans: list[GroupPlan], experts: set[str]) -> None:
+    """Mark the plans of experts entries: fused tensors are stored page-aligned with a digest per expert; a list's
+    experts each from a page boundary."""
+    for (name, module), plan in zip(entries, plans, strict=True):
         if name not in experts:
             continue
         shared = sorted(member for member, canonical in plan.members.items() if member != canonical)
         if shared or set(plan.members) != set(plan.tensors):
             raise ValueError(
-                f"fused experts {name!r}: {shared or sorted(set(plan.members) - set(plan.tensors))} are tied to "
+                f"experts {name!r}: {shared or sorted(set(plan.members) - set(plan.tensors))} are tied to "
                 "tensors of other modules; per-expert streaming needs the experts' own tensors. Map this block to "
                 "'cpu' or untie the weights"
             )
-        plan.experts = tuple(sorted(plan.tensors))
+        if is_fused_experts(module):
+            plan.experts = tuple(sorted(plan.tensors))
+        else:
+            plan.expert_starts = expert_starts(name, plan)
 
 
 @dataclass(frozen=True)
@@ -114,103 +118,32 @@ class ExpertTensor:
         return self.start + expert * self.row_bytes, self.start + (expert + 1) * self.row_bytes
 
 
-class ExpertBuffer:
-    """Page-aligned anonymous memory mirroring an experts file's data section; pages never read hold zeros."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = max(ALIGNMENT, align_up(nbytes))
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)  # mostly never touched
-        self._mmap = mmap.mmap(-1, self.nbytes, flags=flags)
-        self.view = memoryview(self._mmap)
-        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
-
-    def forget(self, start: int, end: int) -> None:
-        """Give back the pages wholly inside ``[start, end)``: they read as zeros again, and take no RAM."""
-        first, last = align_up(start), end - end % ALIGNMENT
-        if last > first:
-            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-
-class ExpertCache:
-    """The experts whose rows stay in their buffers after a forward, least recently used first, within ``budget``."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.nbytes = 0
-        self._lru: OrderedDict[tuple[ExpertsHook, int], int] = OrderedDict()
-
-    def holds(self, hook: ExpertsHook, expert: int) -> bool:
-        """Whether ``expert``'s rows of ``hook``'s module are in its buffer now."""
-        return (hook, expert) in self._lru
-
-    def keep(self, hook: ExpertsHook, experts: list[int]) -> None:
-        """``experts`` of ``hook`` were used just now; then forget the least recently used beyond the budget."""
-        for expert in experts:
-            key = (hook, expert)
-            if key in self._lru:
-                self._lru.move_to_end(key)
-            else:
-                self._lru[key] = hook.expert_bytes
-                self.nbytes += hook.expert_bytes
-        while self.nbytes > self.budget:
-            (owner, expert), nbytes = self._lru.popitem(last=False)
-            owner.evicted(expert)
-            self.nbytes -= nbytes
-
-    def drop(self, hook: ExpertsHook) -> None:
-        """Forget every expert of ``hook`` (its module is closed)."""
-        for key in [key for key in self._lru if key[0] is hook]:
-            self.nbytes -= self._lru.pop(key)
-
-
-@dataclass
-class Speculation:
-    """Rows read ahead into a module's buffer: the experts, their reads in flight, and the bytes of each expert."""
-
-    experts: list[int] = field(default_factory=list)
-    futures: list[Future] = field(default_factory=list)
-    nbytes: dict[int, int] = field(default_factory=dict)
-    pid: int = field(default_factory=os.getpid)  # the process whose reader threads run the reads
+def fused_experts(tensors: tuple[ExpertTensor, ...]) -> list[Expert]:
+    """Each expert of fused ``tensors``: its rows of each, checked against the row digests."""
+    return [
+        Expert(
+            tuple(t.rows(e) for t in tensors),
+            tuple(Check(*t.rows(e), t.digests[e], f"expert {e} of {t.attr!r}") for t in tensors),
+        )
+        for e in range(tensors[0].shape[0])
+    ]
 
 
 class ExpertsHook(ModelHook):
     """Before a fused experts module runs, reads the rows of the experts ``top_k_index`` routes to (those not cached)
     into its buffer and puts views of it into the module; after, puts meta tensors back."""
 
-    def __init__(
-        self,
-        prefetcher: Prefetcher,
-        group: StoredGroup,
-        prefix: str,
-        cache: ExpertCache,
-        weights: StoredWeights,
-        verify_every_read: bool = False,
-    ):
-        self.prefetcher = prefetcher
-        self.group = group
-        self.cache = cache
+    def __init__(self, rows: ExpertRows, tensors: tuple[ExpertTensor, ...], prefix: str, weights: StoredWeights):
+        self.rows = rows
+        self.prefetcher = rows.prefetcher
+        self.group = rows.group
+        self.tensors = tensors
         self.weights_map = weights
-        self.tensors = tuple(
-            ExpertTensor(
-                entry.name[len(prefix) :], entry.start, entry.dtype, entry.shape, tuple(group.row_digests[entry.name])
-            )
-            for entry in group.entries
-        )
-        self.num_experts = self.tensors[0].shape[0]
+        self.num_experts = tensors[0].shape[0]
         self.execution_device = torch.device("cpu")  # experts are read per expert for CPU execution only
-        self.members = {t.attr: prefix + t.attr for t in self.tensors}  # local name -> stored name, as the block hook
-        self.buffer = ExpertBuffer(group.data_bytes)
-        self.expert_bytes = sum(self._span(t, 0)[1] - self._span(t, 0)[0] for t in self.tensors)
-        self.verify_every_read = verify_every_read
-        self._verified: set[tuple[str, int]] = set()
+        self.members = {t.attr: prefix + t.attr for t in tensors}  # local name -> stored name, as the block hook
         self._meta: dict[str, torch.nn.Parameter] = {}
         self._routing: inspect.Signature | None = None
-        self._used: list[int] = []
-        self.last_read: list[int] = []  # the experts whose rows the last forward read
-        self.ahead: list[ExpertsHook] = []  # the experts modules run next, whose reads this hook starts
-        self._candidates: list[int] = []  # the experts the last one-token forward routed to
-        self._kept: set[int] = set()  # experts the cache let go of, whose rows wait to be read again ahead
-        self._speculation = Speculation()
 
     def __repr__(self) -> str:
         return f"ExpertsHook(group={self.group.name!r}, experts={self.num_experts})"
@@ -231,59 +164,26 @@ class ExpertsHook(ModelHook):
         """Read the routed experts' rows (unless cached) and put the module's tensors in place."""
         index = self._routing.bind(module, *args, **kwargs).arguments["top_k_index"]
         routed = sorted({int(e) for e in index.reshape(-1).tolist() if 0 <= e < self.num_experts})
-        wanted = range(self.num_experts) if len(routed) > FULL_READ_SHARE * self.num_experts else routed
-        speculation = self._take_speculation()
-        self._used = sorted({*wanted, *speculation.experts})  # forgotten on abort unless cached
-        missing = [e for e in wanted if not self.cache.holds(self, e) and e not in speculation.nbytes]
-        hits = sum(1 for e in routed if self.cache.holds(self, e))
-        segments = self._segments(missing)
-        _settle([*speculation.futures, *(self.prefetcher.reader.submit(segments, self.buffer) if segments else [])])
-        chosen = set(wanted)
-        confirmed = [e for e in speculation.experts if e in chosen]
-        self._verify(missing + confirmed)
-        unused = [e for e in speculation.experts if e not in chosen]
-        kept, self._kept = self._kept, set()  # not read ahead after all (cached then), nor routed now: given back
-        stale = [e for e in kept if e not in speculation.nbytes and e not in chosen and not self.cache.holds(self, e)]
-        for expert in unused + stale:
-            self.forget(expert)
-        self._used, self.last_read = list(wanted), sorted(missing + confirmed)
-        nbytes = sum(s.length for s in segments) + sum(speculation.nbytes.values())
-        self.prefetcher.record_experts(nbytes, hits, len(routed) - hits, sum(speculation.nbytes[e] for e in unused))
-        self._candidates = routed if index.dim() and index.numel() == index.shape[-1] else []  # one token
-        for hook in self.ahead:
-            hook.speculate()
+        wanted = list(range(self.num_experts)) if len(routed) > FULL_READ_SHARE * self.num_experts else routed
+        self.rows.begin()
+        self.rows.load(wanted, routed)
+        self.rows.finish()
+        self.rows.candidates = routed if index.dim() and index.numel() == index.shape[-1] else []  # one token
+        self.rows.read_ahead()
         grad = torch.is_grad_enabled()
         for t in self.tensors:
             end = t.start + t.shape[0] * t.row_bytes
-            value = self.buffer.tensor[t.start : end].view(t.dtype).view(t.shape)
+            value = self.rows.buffer.tensor[t.start : end].view(t.dtype).view(t.shape)
             value = value.clone() if grad else value  # autograd may keep it past the rows' eviction
             module._parameters[t.attr] = torch.nn.Parameter(
                 value, requires_grad=grad and self._meta[t.attr].requires_grad
             )
         return args, kwargs
 
-    @property
-    def reading_ahead(self) -> list[int]:
-        """The experts whose rows are read ahead for this module's next forward."""
-        return list(self._speculation.experts)
-
-    def speculate(self) -> None:
-        """Start reading the rows of the experts the last one-token forward routed to, those not cached (unless reads
-        are in flight already); the next ``pre_forward`` keeps the ones routing confirms."""
-        experts = [e for e in self._candidates if not self.cache.holds(self, e)]
-        if self._speculation.experts or not experts:
-            return
-        segments = self._segments(experts)
-        self._speculation = Speculation(
-            experts,
-            self.prefetcher.reader.submit(segments, self.buffer),
-            {e: sum(end - start for start, end in (self._span(t, e) for t in self.tensors)) for e in experts},
-        )
-
     def post_forward(self, module: torch.nn.Module, output):
         """Put the meta tensors back and keep the rows used in the cache (within its budget)."""
         self.put_back(module)
-        self.cache.keep(self, self._used)
+        self.rows.keep()
         return output
 
     def put_back(self, module: torch.nn.Module) -> None:
@@ -293,128 +193,45 @@ class ExpertsHook(ModelHook):
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the rows it read that the cache does not hold are forgotten."""
         self.put_back(module)
-        self._used += [*self._drain(), *self._kept]
-        self._kept = set()
-        for expert in self._used:
-            if not self.cache.holds(self, expert):
-                self.forget(expert)
-
-    def evicted(self, expert: int) -> None:
-        """The cache let go of ``expert``: give back its RAM, unless the next read ahead reads its rows again into the
-        same pages (given back then, if routing does not confirm it)."""
-        if expert in self._candidates:
-            self._kept.add(expert)
-        else:
-            self.forget(expert)
-
-    def forget(self, expert: int) -> None:
-        """Give back the RAM of ``expert``'s rows; they read as zeros until read again."""
-        for t in self.tensors:
-            self.buffer.forget(*t.rows(expert))
-
-    def _span(self, t: ExpertTensor, expert: int) -> tuple[int, int]:
-        start, end = t.rows(expert)
-        return start - start % ALIGNMENT, min(align_up(end), self.buffer.nbytes)
-
-    def _segments(self, experts: list[int]) -> list[Segment]:
-        """The requests for the rows of sorted ``experts``: consecutive ones make one request per tensor."""
-        group, segments = self.group, []
-        for t in self.tensors:
-            for first, last in _runs(experts):
-                start, end = self._span(t, first)[0], self._span(t, last)[1]
-                needed = min(end, group.data_bytes) - start
-                segments.append(Segment(group.path, group.data_offset + start, end - start, start, needed))
-        return segments
-
-    def _take_speculation(self) -> Speculation:
-        """The reads started ahead, handed over. In a forked child they never complete (the parent's threads run
-        them): none then, and their rows are given back, to be read again."""
-        speculation, self._speculation = self._speculation, Speculation()
-        if speculation.pid == os.getpid():
-            return speculation
-        for expert in speculation.experts:
-            self.forget(expert)
-        return Speculation()
-
-    def _drain(self) -> list[int]:
-        """Wait for the reads started ahead, whatever their outcome; the experts they were for."""
-        speculation = self._take_speculation()
-        for error in filter(None, (future.exception() for future in speculation.futures)):
-            logger.warning(
-                "%s: a read ahead of experts %s failed (its rows are not used): %s", self, speculation.experts, error
-            )
-        return speculation.experts
-
-    def _verify(self, experts: list[int]) -> None:
-        for t in self.tensors:
-            for e in experts:
-                if (t.attr, e) in self._verified and not self.verify_every_read:
-                    continue
-                start, end = t.rows(e)
-                if digest(self.buffer.view[start:end]) != t.digests[e]:
-                    raise GroupFileError(
-                        f"{self.group.path}: expert {e} of {t.attr!r} does not match its digest in the manifest; the "
-                        "file is damaged or was replaced: run `accel-nvme verify` on the folder, then `accel-nvme "
-                        "clean` it (or delete it) to have it rewritten"
-                    )
-                self._verified.add((t.attr, e))
+        self.rows.abort()
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
         for t in self.tensors:
             set_module_tensor_to_device(module, t.attr, "cpu", value=self.weights_map[t.attr])
-        self._drain()
-        self._candidates, self._kept = [], set()
-        self.cache.drop(self)
-        self.buffer.forget(0, self.buffer.nbytes)
+        self.rows.close()
         self.prefetcher.detach()
         return module
 
 
-def _settle(futures: list[Future]) -> None:
-    """Wait for every read, then raise the first error (no read is left writing into a buffer)."""
-    errors = [error for future in futures if (error := future.exception()) is not None]
-    if errors:
-        raise errors[0]
-
-
-def _runs(experts: list[int]) -> list[tuple[int, int]]:
-    """Sorted ``experts`` as runs of consecutive ones, ``(first, last)``."""
-    runs: list[tuple[int, int]] = []
-    for e in experts:
-        if runs and runs[-1][1] == e - 1:
-            runs[-1] = (runs[-1][0], e)
-        else:
-            runs.append((e, e))
-    return runs
-
-
-def attach_experts_hook(module: torch.nn.Module, hook: ExpertsHook) -> None:
-    """``add_hook_to_module``; a forward that raises puts the module's meta tensors back (``ExpertsHook.abort``)."""
-    add_hook_to_module(module, hook)
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def forward_or_put_back(*args, **kwargs):
-        try:
-            return forward(*args, **kwargs)
-        except BaseException:
-            hook.abort(module)
-            raise
-
-    module.forward = forward_or_put_back
-
-
 def stream_experts(
-    plan: DispatchPlan, manifest: Manifest, prefetcher: Prefetcher, cache_bytes: int, verify_every_read: bool
+    model: torch.nn.Module,
+    plan: DispatchPlan,
+    manifest: Manifest,
+    prefetcher: Prefetcher,
+    cache_bytes: int,
+    verify_every_read: bool,
 ) -> None:
-    """Attach an ``ExpertsHook`` to each experts entry of ``plan``, all sharing one cache of ``cache_bytes``."""
-    cache, hooks = ExpertCache(cache_bytes), []
+    """Hook each experts entry of ``plan`` (fused: an ``ExpertsHook``; a list: ``expert_modules.py``), all sharing one
+    cache of ``cache_bytes``; each reads ahead for the next ``SPECULATE_AHEAD``."""
+    cache, every_rows = ExpertCache(cache_bytes), []
     for (name, module), group in zip(plan.entries, plan.group_of_entry, strict=True):
-        if name in plan.experts:
-            prefix = f"{name}."
-            weights = StoredWeights(manifest, prefix)
-            hooks.append(ExpertsHook(prefetcher, manifest.groups[group], prefix, cache, weights, verify_every_read))
-            attach_experts_hook(module, hooks[-1])
-    for i, hook in enumerate(hooks):  # in the order they run; the last one reads ahead for the next forward's first
-        hook.ahead = [hooks[(i + step) % len(hooks)] for step in range(1, min(SPECULATE_AHEAD, len(hooks) - 1) + 1)]
+        if name not in plan.experts:
+            continue
+        stored, prefix = manifest.groups[group], f"{name}."
+        if not is_fused_experts(module):
+            every_rows.append(
+                stream_expert_list(model, name, module, stored, manifest, prefetcher, cache, verify_every_read)
+            )
+            continue
+        tensors = tuple(
+            ExpertTensor(e.name[len(prefix) :], e.start, e.dtype, e.shape, tuple(stored.row_digests[e.name]))
+            for e in stored.entries
+        )
+        every_rows.append(ExpertRows(prefetcher, stored, fused_experts(tensors), cache, verify_every_read))
+        attach_with_abort(module, ExpertsHook(every_rows[-1], tensors, prefix, StoredWeights(manifest, prefix)))
+    count = len(every_rows)
+    for i, rows in enumerate(
+        every_rows
+    ):  # in the order they run; the last one reads ahead for the next forward's first
+        rows.ahead = [every_rows[(i + step) % count] for step in range(1, min(SPECULATE_AHEAD, count - 1) + 1)]

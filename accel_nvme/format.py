@@ -155,16 +155,20 @@ def _header(
 
 
 def write_group(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], page_aligned: Collection[str] = ()
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    page_aligned: Collection[str] = (),
+    rows: Collection[str] = (),
 ) -> WrittenGroup:
     """Write ``tensors`` as one aligned safetensors file, atomically (temporary name, fsync, rename), mode 0600.
 
     Returns the layout and the digests of the data section and of each tensor, which readers check. The tensors named
-    in ``page_aligned`` start on a 4096-byte boundary, and their rows along the first dimension get digests too.
+    in ``page_aligned`` start on a 4096-byte boundary; those in ``rows`` too, and their rows along the first dimension
+    get digests as well.
     """
     path = Path(path)
     order = storage_order(tensors)
-    header, sequence = _header(tensors, order, page_aligned)
+    header, sequence = _header(tensors, order, {*page_aligned, *rows})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data_digest = new_digest()
     tensor_digests = {}
@@ -179,7 +183,7 @@ def write_group(
                 data_digest.update(data)
                 if not is_padding(name):
                     tensor_digests[name] = digest(data)
-                if name in page_aligned:
+                if name in rows:
                     step = nbytes // max(1, tensors[name].shape[0])
                     row_digests[name] = [digest(data[i : i + step]) for i in range(0, nbytes, step)] if step else []
                 f.write(data)

@@ -34,7 +34,7 @@ class DispatchPlan:
     placed: list[str]  # modules mapped as nvme for accelerate that store nothing of their own
     device_map: dict[str, Any]  # the map dispatched: entries and placed as "nvme", kept on the main device
     tensor_keys: list[str]  # keys of the given device_map that name a parameter or buffer, not a module
-    experts: frozenset[str] = frozenset()  # entries that are fused MoE experts, read one expert at a time
+    experts: frozenset[str] = frozenset()  # entries that are MoE experts (fused, or lists), read one expert at a time
 
 
 def plan_dispatch(
@@ -49,7 +49,7 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """The plan of ``model``'s ``"nvme"`` entries: expand them into blocks, plan each block's tensors, merge groups.
 
-    With ``experts``, fused MoE experts modules inside the blocks become entries of their own (``experts.py``).
+    With ``experts``, MoE experts modules inside the blocks become entries of their own (``experts.py``).
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     nvme = [name for name, device in device_map.items() if device == NVME]
@@ -59,7 +59,7 @@ def plan_dispatch(
     kept += [name for name in nvme if name not in modules]
     tensor_keys = [name for name in device_map if name not in modules]
     entry_plans = plan_groups(model, entries, placed, offload_buffers, main_device, index, mapped, device_map)
-    mark_experts([name for name, _ in entries], entry_plans, expert_entries)
+    mark_experts(entries, entry_plans, expert_entries)
     groups, group_of_entry = merge_groups(entry_plans, group_bytes)
     planned = {name: device for name, device in device_map.items() if device != NVME}
     planned.update(dict.fromkeys([*(name for name, _ in entries), *placed], NVME))
@@ -232,7 +232,7 @@ def merge_groups(plans: list[GroupPlan], budget: int) -> tuple[list[GroupPlan], 
     size = 0
     for plan in plans:
         nbytes = plan.nbytes
-        if merged and budget and size + nbytes <= budget and not plan.experts and not merged[-1].experts:
+        if merged and budget and size + nbytes <= budget and not plan.per_expert and not merged[-1].per_expert:
             last = merged[-1]
             merged[-1] = GroupPlan(
                 f"{last.name}+{plan.name}", {**last.tensors, **plan.tensors}, {**last.members, **plan.members}

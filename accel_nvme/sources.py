@@ -50,8 +50,8 @@ def stream_in_place(plans: list[GroupPlan], offload_dir: str | os.PathLike, copy
     reason = None if plans else "no groups"
     files: set[str] = set()
     for plan in plans:
-        if reason is None and plan.experts:
-            reason = f"{plan.name!r} holds fused MoE experts, read one expert at a time from a page-aligned group file"
+        if reason is None and plan.per_expert:
+            reason = f"{plan.name!r} holds MoE experts, read one expert at a time from a page-aligned group file"
         for name, tensor in plan.tensors.items():
             if reason is None and not isinstance(tensor, CheckpointTensor):
                 reason = f"{name!r} is not read from a safetensors checkpoint (weights in RAM, or a .bin file)"

@@ -143,13 +143,21 @@ class GroupPlan:
     """What one group must hold: tensors it stores, and every member name mapped to its canonical tensor name.
 
     ``experts``: the fused expert tensors among them, stored page-aligned with a digest per expert (``experts.py``).
+    ``expert_starts``: for a list of expert modules, the first tensor of each expert, stored from a page boundary with
+    the expert's other tensors after it (``expert_modules.py``).
     """
 
     name: str
     tensors: dict[str, torch.Tensor | CheckpointTensor]
     members: dict[str, str] = field(default_factory=dict)
     experts: tuple[str, ...] = ()
+    expert_starts: tuple[str, ...] = ()
     in_place: bool = False  # streamed from its checkpoint's byte ranges (``sources``), no group file written
+
+    @property
+    def per_expert(self) -> bool:
+        """Whether its experts are read one expert at a time, outside the group stream."""
+        return bool(self.experts or self.expert_starts)
 
     @property
     def nbytes(self) -> int:
@@ -171,6 +179,7 @@ class StoredGroup:
     members: dict[str, str]
     tensor_digests: dict[str, str]
     row_digests: dict[str, list[str]] = field(default_factory=dict)  # per expert, for fused expert tensors
+    expert_starts: tuple[str, ...] = ()  # for a list of expert modules, each expert's first tensor
 
 
 @dataclass(frozen=True)
@@ -195,7 +204,8 @@ class CheckpointGroup:
     entries: tuple[CheckpointEntry, ...]
     members: dict[str, str]
     files: dict[Path, tuple[int, ...]]
-    row_digests: dict[str, list[str]] = field(default_factory=dict)  # always empty: fused experts are copied
+    row_digests: dict[str, list[str]] = field(default_factory=dict)  # always empty: experts are copied
+    expert_starts: tuple[str, ...] = ()  # always empty: experts are copied
 
 
 @dataclass(frozen=True)
@@ -462,6 +472,7 @@ def _check_holds(manifest: Manifest, plans: list[GroupPlan], fp: str) -> None:
             or group.members != plan.members
             or stored != sorted(_plan_spec(plan))
             or sorted(group.row_digests) != sorted(plan.experts)
+            or group.expert_starts != plan.expert_starts
         ):
             raise StoreError(f"{where}: group {group.index} does not hold group {plan.name!r} as planned")
         if in_place != plan.in_place:
@@ -482,7 +493,7 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
                 continue
             file_name = f"group-{index:05d}.safetensors"
             tensors = {n: t.load() if isinstance(t, CheckpointTensor) else t for n, t in plan.tensors.items()}
-            written = write_group(tmp / file_name, tensors, plan.experts)
+            written = write_group(tmp / file_name, tensors, plan.expert_starts, plan.experts)
             del tensors
             groups.append(
                 {
@@ -496,6 +507,7 @@ def _write_folder(root: Path, folder: Path, fp: str, plans: list[GroupPlan]) -> 
                     "members": plan.members,
                 }
                 | ({"rows": written.row_digests} if plan.experts else {})
+                | ({"expert_starts": list(plan.expert_starts)} if plan.expert_starts else {})
             )
         manifest = {"format": "accel_nvme", "version": FORMAT_VERSION, "digest_algorithm": DIGEST_NAME}
         manifest.update(fingerprint=fp, groups=groups)
@@ -694,6 +706,10 @@ def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[s
         for name, d in rows.items()
     ):
         raise StoreError(f"{where}: rows must give one digest per expert of a stored tensor; {CLEAN_ADVICE}")
+    starts = g.get("expert_starts", [])
+    aligned = {e.name for e in layout.entries if e.start % ALIGNMENT == 0}
+    if not isinstance(starts, list) or not all(isinstance(name, str) and name in aligned for name in starts):
+        raise StoreError(f"{where}: expert_starts must name page-aligned tensors of the group file; {CLEAN_ADVICE}")
     return StoredGroup(
         index,
         name,
@@ -705,6 +721,7 @@ def _stored_group(folder: Path, dir_fd: int, index: int, g: object, files: set[s
         g["members"],
         g["tensors"],
         rows,
+        tuple(starts),
     )
 
 

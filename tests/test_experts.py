@@ -142,9 +142,9 @@ def test_a_decode_token_reads_only_its_routed_experts(checkpoints, offload_dir):
     hooks = experts_hooks(model)
     assert torch.equal(generate(model), tokens)
     dense = sum(source.nbytes for source in hooks[0].prefetcher.sources)
-    per_expert = hooks[0].expert_bytes
+    per_expert = hooks[0].rows.expert_bytes
     assert per_expert == 8192 + 4096, "gate_up_proj and down_proj rows of one expert, nothing more"
-    experts_bytes = sum(h.num_experts * h.expert_bytes for h in hooks)
+    experts_bytes = sum(h.num_experts * h.rows.expert_bytes for h in hooks)
     report = accel_nvme.stats(model)
     decode = report.forwards[1:]
     assert len(decode) == 5
@@ -159,7 +159,7 @@ def test_a_decode_token_reads_only_its_routed_experts(checkpoints, offload_dir):
     assert report.total.bytes_read - report.total.expert_bytes_read <= 6 * dense + ahead
     for hook in hooks:
         module = next(m for m in model.modules() if getattr(m, "_hf_hook", None) is hook)
-        assert hook.last_read == seen[module], "the last token read exactly the experts it was routed to"
+        assert hook.rows.last_read == seen[module], "the last token read exactly the experts it was routed to"
 
 
 def test_the_previous_tokens_experts_are_read_ahead(checkpoints, offload_dir):
@@ -173,28 +173,30 @@ def test_the_previous_tokens_experts_are_read_ahead(checkpoints, offload_dir):
     with torch.inference_mode():
         model(IDS[:, :1])
         # after a first token only the first layer knows a previous token: the last layer started its reads
-        assert first_hook.reading_ahead == seen[first] and all(hook.reading_ahead == [] for _, hook in rest)
+        assert first_hook.rows.reading_ahead == seen[first] and all(hook.rows.reading_ahead == [] for _, hook in rest)
         model(IDS[:, :1])
         again = accel_nvme.stats(model).forwards[-1]
         assert again.expert_bytes_unused == 0 and again.expert_cache_hits == 0
-        assert again.expert_bytes_read == sum(len(seen[m]) * h.expert_bytes for m, h in hooks.items())
+        assert again.expert_bytes_read == sum(len(seen[m]) * h.rows.expert_bytes for m, h in hooks.items())
         before = dict(seen)
         other = model(IDS[:, 1:2]).logits
         assert torch.equal(other, reference(IDS[:, 1:2]).logits)
     # rows read ahead for the previous token's experts that this token did not route to are counted as unused
     unused = {m: set(before[m]) - set(seen[m]) for m in hooks}
     assert any(unused.values()), "the two tokens route alike: pick another second token"
-    expected = sum(len(unused[m]) * h.expert_bytes for m, h in hooks.items())
+    expected = sum(len(unused[m]) * h.rows.expert_bytes for m, h in hooks.items())
     assert accel_nvme.stats(model).forwards[-1].expert_bytes_unused == expected
     # and their rows are given back: with no cache, the other layers' buffers keep only this token's experts, whose
     # pages the next token's reads ahead fill again
     for module, hook in rest:
         held = [
-            e for e in range(hook.num_experts) if any(hook.buffer.tensor[slice(*t.rows(e))].any() for t in hook.tensors)
+            e
+            for e in range(hook.num_experts)
+            if any(hook.rows.buffer.tensor[slice(*t.rows(e))].any() for t in hook.tensors)
         ]
         assert held == seen[module]
     accel_nvme.close(model)
-    assert all(hook.reading_ahead == [] for hook in hooks.values())
+    assert all(hook.rows.reading_ahead == [] for hook in hooks.values())
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_reads_ahead(checkpoints, offload_dir):
@@ -205,9 +207,9 @@ def test_a_forked_child_does_not_wait_for_its_parents_reads_ahead(checkpoints, o
     with torch.inference_mode():
         model(IDS[:, :1])
     first = experts_hooks(model)[0]
-    assert first.reading_ahead
+    assert first.rows.reading_ahead
     in_flight = Future()  # a read still running at the fork: finished in the parent only
-    first._speculation.futures.append(in_flight)
+    first.rows._speculation.futures.append(in_flight)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -248,7 +250,7 @@ def test_rows_not_routed_are_never_read(checkpoints, offload_dir):
         routed = seen[module]
         assert len(routed) == 2
         for t in hook.tensors:
-            rows = hook.buffer.tensor[t.start : t.start + t.shape[0] * t.row_bytes].view(t.dtype).view(t.shape)
+            rows = hook.rows.buffer.tensor[t.start : t.start + t.shape[0] * t.row_bytes].view(t.dtype).view(t.shape)
             weight = reference.get_submodule(name).get_parameter(t.attr)
             for e in range(hook.num_experts):
                 if e in routed:
@@ -280,7 +282,7 @@ def test_cache_hits_are_counted_and_skip_the_read(checkpoints, offload_dir):
         uncached(one)
     warm = accel_nvme.stats(uncached).forwards[1]
     assert (warm.expert_cache_hits, warm.expert_cache_misses) == (0, 2 * layers)
-    assert warm.expert_bytes_read == 2 * layers * experts_hooks(uncached)[0].expert_bytes
+    assert warm.expert_bytes_read == 2 * layers * experts_hooks(uncached)[0].rows.expert_bytes
 
 
 def test_the_cache_keeps_the_most_recent_experts_within_its_budget(checkpoints, offload_dir):
@@ -289,9 +291,9 @@ def test_the_cache_keeps_the_most_recent_experts_within_its_budget(checkpoints, 
     hooks = experts_hooks(model)
     with torch.inference_mode():
         model(IDS[:, :1])
-    cache = hooks[0].cache
-    assert cache.nbytes == 3 * hooks[0].expert_bytes
-    kept = [[e for e in range(8) if cache.holds(h, e)] for h in hooks]
+    cache = hooks[0].rows.cache
+    assert cache.nbytes == 3 * hooks[0].rows.expert_bytes
+    kept = [[e for e in range(8) if cache.holds(h.rows, e)] for h in hooks]
     assert len(kept[1]) == 2 and len(kept[0]) == 1, "the last layer's two experts and the first layer's last one"
 
 
@@ -303,10 +305,10 @@ def test_a_prefill_reads_every_row_in_one_pass(checkpoints, offload_dir):
         model(many)
     forward = accel_nvme.stats(model).forwards[0]
     hooks = experts_hooks(model)
-    assert forward.expert_bytes_read == sum(h.num_experts * h.expert_bytes for h in hooks)
-    assert all(h.last_read == list(range(8)) for h in hooks)
+    assert forward.expert_bytes_read == sum(h.num_experts * h.rows.expert_bytes for h in hooks)
+    assert all(h.rows.last_read == list(range(8)) for h in hooks)
     # no cache and several tokens: no read ahead follows, so every row read is given back at once
-    assert all(not h.buffer.tensor.any() and h.reading_ahead == [] for h in hooks)
+    assert all(not h.rows.buffer.tensor.any() and h.rows.reading_ahead == [] for h in hooks)
 
 
 def test_expert_tensors_start_on_a_page_and_carry_a_digest_per_expert(checkpoints, offload_dir):
@@ -339,7 +341,7 @@ def test_a_damaged_expert_is_refused_naming_the_file(checkpoints, offload_dir):
     damaged = f"{hook.group.path}: expert {expert} of '{t.attr}' does not match"
     with pytest.raises(GroupFileError, match=damaged), torch.inference_mode():
         model(IDS[:, :2])
-    assert not hook.buffer.tensor.any(), "the rows read by the forward that raised are forgotten"
+    assert not hook.rows.buffer.tensor.any(), "the rows read by the forward that raised are forgotten"
     with torch.inference_mode():
         model(IDS[:, 1:2])  # a forward after the error starts clean (meta tensors were put back)
 
@@ -355,7 +357,7 @@ def test_rows_that_are_not_page_multiples_read_the_pages_they_touch(offload_dir,
     for forward in accel_nvme.stats(loaded).forwards[1:]:
         used = forward.expert_bytes_read - forward.expert_bytes_unused  # without rows read ahead and not routed
         assert used <= forward.expert_cache_misses * (rows + 2 * 2 * ALIGNMENT)
-    assert hook.expert_bytes <= rows + 2 * 2 * ALIGNMENT
+    assert hook.rows.expert_bytes <= rows + 2 * 2 * ALIGNMENT
 
 
 def test_close_loads_the_experts_back(checkpoints, offload_dir):
