@@ -38,9 +38,10 @@ class NvmeConfig:
     loaded once instead of streamed ("auto": the memory available at dispatch less the staging buffers and a
     headroom, see ``residency``);
     ``lock_timeout``: seconds to wait for another process writing the same weights before giving up with an error;
-    ``expert_streaming``: fused MoE experts modules read only the experts each forward is routed to (CPU execution;
-    False: they stream whole, with their block); ``expert_cache_bytes``: host RAM kept for the experts read last (an
-    LRU over the experts of all layers; 0: every routed expert is read again). See ``docs/moe.md``.
+    ``expert_streaming``: MoE experts (fused modules, lists of expert modules) read only the experts each forward is
+    routed to (CPU execution; False: they stream whole, with their block); ``expert_cache_bytes``: host RAM kept for
+    the experts read last (an LRU over the experts of all layers; 0: every routed expert is read again). See
+    ``docs/moe.md``.
     ``copy``: whether weights of a safetensors checkpoint are copied into group files (True) or streamed straight from
     the checkpoint (False); "auto" streams in place when the checkpoint and ``offload_dir`` share a filesystem.
     """

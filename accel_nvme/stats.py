@@ -23,8 +23,8 @@ class ForwardStats:
 
     ``seconds``: wall time from the forward's first group to its last release; ``read_seconds``: time at least one
     read was in flight; ``stall_seconds``: time the compute waited for a group (CPU: the thread; CUDA: the GPU, from
-    when the group was asked for to when its copy was done, timed with events, counted once they completed). Fused
-    MoE experts are read one expert at a time (``experts.py``): ``expert_bytes_read`` (counted in ``bytes_read``
+    when the group was asked for to when its copy was done, timed with events, counted once they completed). MoE
+    experts are read one expert at a time (``expert_rows.py``): ``expert_bytes_read`` (counted in ``bytes_read``
     too), and the routed experts found in the expert cache (``expert_cache_hits``) or read (``expert_cache_misses``);
     ``expert_bytes_unused``: rows read ahead for the experts the previous token used, that routing did not confirm
     (counted in ``expert_bytes_read`` too).
@@ -100,7 +100,7 @@ class ForwardRecorder:
         self.totals.bytes_read += nbytes
 
     def experts(self, nbytes: int, hits: int, misses: int, unused: int = 0) -> None:
-        """Expert rows of ``nbytes`` were read for a fused experts module whose routed experts were ``hits`` cached;
+        """Expert bytes ``nbytes`` were read for an experts module whose routed experts were ``hits`` cached;
         ``unused`` of them were read ahead and not routed."""
         self.totals.expert_bytes_unused += unused
         self.totals.bytes_read += nbytes
