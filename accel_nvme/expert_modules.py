@@ -17,7 +17,7 @@ import torch
 from accelerate.hooks import ModelHook
 from accelerate.utils import set_module_tensor_to_device
 
-from .expert_rows import Check, Expert, ExpertCache, ExpertRows, attach_with_abort
+from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
 from .format import ALIGNMENT, GroupFileError, TensorEntry, storage_order
 from .prefetch import Prefetcher
 from .store import GroupPlan, Manifest, StoredGroup, StoredWeights
@@ -54,6 +54,12 @@ def expert_starts(name: str, plan: GroupPlan) -> tuple[str, ...]:
     return tuple(tensor for i, tensor in enumerate(order) if i == 0 or experts[i - 1] != experts[i])
 
 
+def _rows(args: tuple, kwargs: dict) -> int:
+    """Rows (tokens) of the first tensor among a forward's arguments; 0 without one."""
+    hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return hidden.numel() // hidden.shape[-1] if hidden is not None and hidden.dim() and hidden.shape[-1] else 0
+
+
 def _owner(module: torch.nn.Module, local: str) -> tuple[torch.nn.Module, str]:
     path, _, attr = local.rpartition(".")
     return module.get_submodule(path), attr
@@ -70,19 +76,24 @@ class ExpertRoundHook(ModelHook):
         self.one_token = True
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        """A round starts: the reads ahead are taken over."""
+        """A round starts: the reads ahead are taken over; with more tokens than ``FULL_READ_SHARE`` of the experts (a
+        prefill), every expert is read at once, in one pass, rather than one request at a time as they are called."""
         self.rows.begin()
         self.one_token = True
+        experts = len(self.rows.experts)
+        if _rows(args, kwargs) > FULL_READ_SHARE * experts:
+            self.rows.load(list(range(experts)), [])
         return args, kwargs
 
     def called(self, args: tuple, kwargs: dict) -> None:
         """An expert runs on ``args``: the round stays a one-token round while every expert sees one row."""
-        hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        self.one_token &= hidden is not None and hidden.dim() >= 1 and hidden.numel() == hidden.shape[-1]
+        self.one_token &= _rows(args, kwargs) == 1
 
     def post_forward(self, module: torch.nn.Module, output):
-        """The round is over: unused reads ahead given back; a one-token round's experts read ahead for the next."""
+        """The round is over: unused reads ahead given back, what it loaded handed to the cache, and a one-token
+        round's experts read ahead for the next."""
         self.rows.finish()
+        self.rows.keep()
         self.rows.candidates = self.rows.used if self.one_token else []
         self.rows.read_ahead()
         return output

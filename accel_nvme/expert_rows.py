@@ -28,6 +28,8 @@ from .store import StoredGroup
 
 logger = logging.getLogger(__name__)
 
+FULL_READ_SHARE = 0.5  # above this share of a module's experts in one forward, every expert is read in one pass
+
 
 @dataclass(frozen=True)
 class Check:
@@ -152,10 +154,13 @@ class ExpertRows:
         self._pending, self._confirmed, self._in_use, self.last_read = self._take_speculation(), set(), set(), []
 
     def load(self, wanted: list[int], routed: list[int]) -> None:
-        """Make ``wanted`` present: cached ones as they are, those read ahead once their reads end, the rest read now,
-        all in flight at once; each checked against its digests. ``routed``: the experts counted as hits or misses."""
+        """Make ``wanted`` present: those cached or loaded this round as they are, those read ahead once their reads
+        end, the rest read now, all in flight at once; each checked against its digests. ``routed``: the experts
+        counted as hits or misses."""
         pending = self._pending
-        missing = [e for e in wanted if not self.cache.holds(self, e) and e not in pending.nbytes]
+        missing = [
+            e for e in wanted if e not in self._in_use and not self.cache.holds(self, e) and e not in pending.nbytes
+        ]
         confirmed = [e for e in wanted if e in pending.nbytes and e not in self._confirmed]
         hits = sum(1 for e in routed if self.cache.holds(self, e))
         self._in_use.update(wanted)

@@ -29,7 +29,7 @@ from accelerate.hooks import ModelHook
 from accelerate.utils import set_module_tensor_to_device
 
 from .expert_modules import expert_starts, is_expert_list, stream_expert_list
-from .expert_rows import Check, Expert, ExpertCache, ExpertRows, attach_with_abort
+from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
 from .prefetch import Prefetcher
 from .store import GroupPlan, Manifest, StoredWeights
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FULL_READ_SHARE = 0.5  # above this share of experts routed in one forward, every row is read in one pass
 SPECULATE_AHEAD = 2  # experts modules whose previous token's experts are read ahead once a module has its rows
 
 

@@ -181,6 +181,31 @@ def test_the_previous_tokens_experts_are_read_ahead(checkpoints, offload_dir):
     assert first.reading_ahead == [] and last.reading_ahead == []
 
 
+def test_a_prefill_reads_every_expert_in_one_pass(checkpoints, offload_dir, monkeypatch):
+    """A round with more tokens than half the experts reads all of them at once (one request per list here, the
+    experts being consecutive), not one by one as they are called; with no cache, none stays in RAM after."""
+    path, _, _, reference = checkpoints["deepseek"]
+    model = load(path, offload_dir, expert_cache_bytes=0)
+    every = lists(model)
+    reader = every[0].prefetcher.reader
+    submit, requests = reader.submit, []
+
+    def counted(segments, buffer):
+        requests.append((buffer, len(segments)))
+        return submit(segments, buffer)
+
+    monkeypatch.setattr(reader, "submit", counted)
+    seen = called_experts(model)
+    with torch.inference_mode():
+        assert torch.equal(model(IDS[:, :5]).logits, reference(IDS[:, :5]).logits)
+    assert any(len(set(called)) < 8 for called in seen.values()), "every expert was called: pick a shorter prompt"
+    for rows in every:
+        assert [n for buffer, n in requests if buffer is rows.buffer] == [1], "one request for the whole list"
+        assert rows.last_read == list(range(8))
+        assert not rows.buffer.tensor.any(), "no cache: every expert read is given back, called or not"
+    assert accel_nvme.stats(model).forwards[-1].expert_bytes_read == 2 * 8 * EXPERT_BYTES
+
+
 def test_each_expert_is_stored_from_a_page_and_the_folder_is_reused(tmp_path, offload_dir, caplog):
     """Experts of 3 x 3072 bytes: each starts on a page of its own (one request per expert), and a second load
     reuses the folder; both are exact."""
