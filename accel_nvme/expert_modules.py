@@ -17,6 +17,7 @@ import torch
 from accelerate.hooks import ModelHook
 from accelerate.utils import set_module_tensor_to_device
 
+from . import owned
 from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
 from .format import ALIGNMENT, GroupFileError, TensorEntry, storage_order
 from .prefetch import Prefetcher
@@ -125,18 +126,21 @@ class ExpertModuleHook(ModelHook):
         self.round_hook = round_hook
         self.execution_device = torch.device("cpu")
         self._meta: dict[str, torch.nn.Parameter] = {}
+        self._owners: dict[str, tuple[torch.nn.Module, str]] = {}
 
     def __repr__(self) -> str:
         return f"ExpertModuleHook(group={self.group.name!r}, expert={self.index})"
 
     def init_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Leave meta tensors in the module."""
+        """Leave meta tensors in the module, recorded as ours (peft places adapters by them). The modules owning the
+        tensors are found once: a wrapper put around one later (peft's LoRA layers) keeps it as its base layer."""
         self.prefetcher.attach()
         for local in self.entries:
-            owner, attr = _owner(module, local)
+            owner, attr = self._owners[local] = _owner(module, local)
             param = owner._parameters[attr]
             meta = param if param.device.type == "meta" else torch.nn.Parameter(param.to("meta"), param.requires_grad)
             self._meta[local] = owner._parameters[attr] = meta
+            owned.register(meta, self.execution_device)
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -148,8 +152,9 @@ class ExpertModuleHook(ModelHook):
         for local, entry in self.entries.items():
             value = self.rows.buffer.tensor[entry.start : entry.end].view(entry.dtype).view(entry.shape)
             value = value.clone() if grad else value  # autograd may keep it past the expert's eviction
-            owner, attr = _owner(module, local)
+            owner, attr = self._owners[local]
             owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=grad and self._meta[local].requires_grad)
+        owned.refuse_foreign_meta(module, self.group.name, self.execution_device)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
@@ -161,7 +166,7 @@ class ExpertModuleHook(ModelHook):
     def put_back(self, module: torch.nn.Module) -> None:
         """The module holds meta tensors again."""
         for local, meta in self._meta.items():
-            owner, attr = _owner(module, local)
+            owner, attr = self._owners[local]
             owner._parameters[attr] = meta
 
     def abort(self, module: torch.nn.Module) -> None:
@@ -172,8 +177,8 @@ class ExpertModuleHook(ModelHook):
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
-        for local in self.entries:
-            set_module_tensor_to_device(module, local, "cpu", value=self.weights_map[local])
+        for local, (owner, attr) in self._owners.items():
+            set_module_tensor_to_device(owner, attr, "cpu", value=self.weights_map[local])
         self.rows.close()
         self.prefetcher.detach()
         return module

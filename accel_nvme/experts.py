@@ -28,6 +28,7 @@ import torch
 from accelerate.hooks import ModelHook
 from accelerate.utils import set_module_tensor_to_device
 
+from . import owned
 from .expert_modules import expert_starts, is_expert_list, stream_expert_list
 from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
 from .prefetch import Prefetcher
@@ -157,6 +158,7 @@ class ExpertsHook(ModelHook):
                 param if param.device.type == "meta" else torch.nn.Parameter(param.to("meta"), param.requires_grad)
             )
             module._parameters[t.attr] = self._meta[t.attr]
+            owned.register(self._meta[t.attr], self.execution_device)
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):

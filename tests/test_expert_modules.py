@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -285,6 +286,15 @@ def test_close_loads_the_experts_back(checkpoints, offload_dir):
     assert torch.equal(generate(model), tokens)
 
 
+def test_a_meta_tensor_that_is_not_streamed_is_refused_by_name(checkpoints, offload_dir):
+    path, _, _, _ = checkpoints["mixtral"]
+    model = load(path, offload_dir)
+    for expert in model.model.layers[0].mlp.experts:
+        expert.up_proj.register_buffer("scale", torch.ones(1, device="meta"))
+    with pytest.raises(RuntimeError, match=r"about to compute with 'up_proj.scale', a meta tensor"):
+        generate(model)
+
+
 def test_what_counts_as_a_list_of_experts():
     def mlps(n=4, size=8):
         return torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(size, size)) for _ in range(n))
@@ -303,3 +313,52 @@ def test_what_counts_as_a_list_of_experts():
     assert not is_expert_list("mlp.experts", mixed), "one dtype"
     with_buffers = torch.nn.ModuleList(torch.nn.BatchNorm1d(8) for _ in range(2))
     assert not is_expert_list("experts", with_buffers), "no buffers"
+
+
+def adapter_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_on_the_experts_trains_and_loads_as_in_ram(checkpoints, offload_dir, tmp_path):
+    """peft LoRA on every expert's projections (DeepSeek style, training mode: every expert called): three AdamW steps
+    give the losses and adapters of the model in RAM; the adapter saved and loaded again with
+    ``PeftModel.from_pretrained`` onto a fresh streamed model generates the same tokens; the experts still stream."""
+    path, _, _, _ = checkpoints["deepseek"]
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    models = []
+    for streamed in (False, True):
+        base = (
+            load(path, offload_dir) if streamed else AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        )
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        models.append(peft.get_peft_model(base, config))
+    reference, model = models
+    assert adapter_weights(model) and all(w.device.type == "cpu" for w in adapter_weights(model).values())
+    assert any(".experts.3.up_proj.lora_A" in n for n in adapter_weights(model)), "the experts have adapters"
+    losses = []
+    for m in models:
+        m.train()
+        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        run = []
+        for _ in range(3):
+            loss = m(input_ids=IDS, labels=IDS).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            run.append(loss.detach())
+        losses.append(run)
+    assert all(torch.equal(a, b) for a, b in zip(*losses, strict=True)), losses
+    assert not torch.equal(losses[1][0], losses[1][2]), "the adapter trained"
+    trained = adapter_weights(model)
+    assert all(torch.equal(trained[n], w) for n, w in adapter_weights(reference).items())
+    assert all(p.device.type == "meta" for n, p in model.named_parameters() if ".experts." in n and "lora_" not in n)
+    last = accel_nvme.stats(model).forwards[-1]
+    assert last.expert_cache_hits + last.expert_cache_misses == 2 * 8, "every expert of both layers ran"
+
+    reference.eval()
+    reference.save_pretrained(tmp_path / "adapter")
+    expected = generate(reference)
+    loaded = peft.PeftModel.from_pretrained(load(path, tmp_path / "offload2"), tmp_path / "adapter").eval()
+    assert hooks_of(loaded, ExpertModuleHook), "our hooks stay"
+    assert torch.equal(generate(loaded), expected)
