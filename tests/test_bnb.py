@@ -111,7 +111,9 @@ def test_linear_layers_stream_as_stored(offload_dir, caplog, monkeypatch, case):
     assert streamed.blocks[0].up.weight.device.type == "meta"
     same_forwards(ram, streamed, x)
     assert_reads_the_quantized_bytes(streamed, lambda: streamed(x), stored, tensors)
-    assert ("repacked the 4-bit weights" in caplog.text) == (bits == 4 and not repacked)
+    # bitsandbytes repacks 4-bit weights at their first inference forward only on CPUs with AVX512-BF16
+    repacks = bits == 4 and not repacked and bnb.functional.has_avx512bf16()
+    assert ("repacked the 4-bit weights" in caplog.text) == repacks
     accel_nvme.close(streamed)
     weight = streamed.blocks[1].down.weight
     assert type(weight) is type(ram.blocks[1].down.weight) and weight.device.type == "cpu"
