@@ -8,6 +8,7 @@ import torch
 from fake_cuda import FakeRuntime
 from safetensors.torch import save_file
 from test_experts import IDS, build, experts_hooks, generate, load, routed_experts
+from test_gpu_path import load_gpu_check
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import AutoModelForCausalLM
 
@@ -226,3 +227,20 @@ def test_without_expert_streaming_the_experts_stream_with_their_block(qwen3, off
     assert not experts_hooks(model) and not device.copy_events
     assert torch.equal(generate(model), tokens)
     assert accel_nvme.stats(model).total.expert_bytes_read == 0
+
+
+def test_the_gpu_checks_moe_step_copies_the_routed_experts_only(device, tmp_path):
+    """scripts/gpu_check.py's MoE step on the faked device path: exact tokens, and per decode token exactly k experts
+    per layer copied (top-k picks k distinct experts), which its row accepts; a copy of every row it refuses."""
+    check = load_gpu_check()
+    moe = check.moe_check(torch.device("cpu"), tmp_path)
+    assert moe["exact"] and moe["decode_tokens"] == check.MOE_NEW_TOKENS - 1
+    assert moe["expert_bytes_copied_per_token"] == moe["routed_bound_per_token"] < moe["experts_bytes"]
+    assert moe["expert_bytes_read_per_token"] == moe["routed_bound_per_token"]  # no cache: every routed expert read
+    (row,) = check.moe_rows({"moe": moe, "cuda": True})
+    assert row.verdict == "FAIL", "the faked device is the CPU, not a GPU"
+    (row,) = check.moe_rows({"moe": dict(moe, on_device=["cuda:0"]), "cuda": True})
+    assert row.verdict == "PASS", row
+    every_row = dict(moe, on_device=["cuda:0"], expert_bytes_copied_per_token=moe["experts_bytes"])
+    (row,) = check.moe_rows({"moe": every_row, "cuda": True})
+    assert row.verdict == "FAIL", row
