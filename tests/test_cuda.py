@@ -326,7 +326,7 @@ def experts_modules(model):
 
 @pytest.mark.parametrize("cache", [0, 1 << 30], ids=["no_cache", "cache"])
 def test_moe_copies_only_the_routed_experts_to_the_gpu_and_equals_the_model_there(offload_dir, cache, monkeypatch):
-    from test_experts import IDS
+    from test_experts import IDS, routed_experts
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from accel_nvme.expert_transfer import DeviceExperts
@@ -336,6 +336,7 @@ def test_moe_copies_only_the_routed_experts_to_the_gpu_and_equals_the_model_ther
     reference, tokens, logits = moe_reference(ids_on_gpu)
     model = moe_on_nvme(offload_dir, cache)
     modules = experts_modules(model)
+    seen = routed_experts(model)
     assert len(modules) == 2
     names = {m._hf_hook.placement: name for name, m in modules.items()}
     assert all(isinstance(p, DeviceExperts) and p.device == torch.device("cuda", 0) for p in names)
@@ -345,6 +346,7 @@ def test_moe_copies_only_the_routed_experts_to_the_gpu_and_equals_the_model_ther
         before = self.bytes_copied
         tensors = place(self, host, runs)
         wanted = {e for first, last in runs for e in range(first, last + 1)}
+        assert wanted == set(seen[modules[names[self]]]), "the rows copied are those of the routed experts"
         assert self.bytes_copied - before == len(wanted) * sum(t.row_bytes for t in self.tensors)
         weights = reference.get_submodule(names[self])
         for t in self.tensors:

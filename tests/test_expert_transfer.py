@@ -102,8 +102,8 @@ def test_generate_and_forward_equal_the_model_in_ram(qwen3, offload_dir, device,
 
 
 def test_only_the_routed_rows_go_to_the_device_and_the_others_are_zeros(qwen3, offload_dir, device):
-    """With a cache holding every expert read, the host buffers hold more than a token's experts; each forward copies
-    the rows of its routed experts only (every row for a prefill), into a device buffer that is zeros elsewhere."""
+    """With a cache holding every expert read, the host buffers hold more than a forward's experts (a prefill reads them
+    all); each forward copies the rows of its routed experts only, into a device buffer that is zeros elsewhere."""
     path, tokens, _, reference = qwen3
     model = load(path, offload_dir, expert_cache_bytes=1 << 30)
     seen = routed_experts(model)
