@@ -7,7 +7,7 @@ import pytest
 import torch
 from fake_cuda import FakeRuntime
 from safetensors.torch import save_file
-from test_experts import IDS, build, experts_hooks, generate, load, routed_experts
+from test_experts import IDS, assert_exact_with_grad, build, experts_hooks, generate, load, routed_experts
 from test_gpu_path import load_gpu_check
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import AutoModelForCausalLM
@@ -101,7 +101,7 @@ def test_generate_and_forward_equal_the_model_in_ram(qwen3, offload_dir, device,
     assert device.copied and len(device.copy_events) == len(device.copied)
 
 
-def test_only_the_routed_rows_go_to_the_device_and_the_others_are_zeros(qwen3, offload_dir, device):
+def test_only_the_routed_rows_go_to_the_device_and_the_others_are_zeros(qwen3, offload_dir, device, monkeypatch):
     """With a cache holding every expert read, the host buffers hold more than a forward's experts (a prefill reads them
     all); each forward copies the rows of its routed experts only, into a device buffer that is zeros elsewhere."""
     path, tokens, _, reference = qwen3
@@ -133,11 +133,8 @@ def test_only_the_routed_rows_go_to_the_device_and_the_others_are_zeros(qwen3, o
         checked["prefill" if full else "decode"] += 1
         return tensors
 
-    DeviceExperts.place = checked_place
-    try:
-        assert torch.equal(generate(model), tokens)
-    finally:
-        DeviceExperts.place = place
+    monkeypatch.setattr(DeviceExperts, "place", checked_place)
+    assert torch.equal(generate(model), tokens)
     assert checked["decode"] == 2 * 5 and checked["prefill"] == 2  # 2 layers, a prompt then 5 decode tokens
     assert checked["cached_elsewhere"] > 0, "no host buffer held an expert the forward did not route to"
 
@@ -154,7 +151,9 @@ def test_device_memory_is_released_after_each_experts_forward(qwen3, offload_dir
     assert len(device.buffers) == len(after)
 
 
-def test_copies_run_on_the_side_stream_after_the_zeroing_and_compute_waits_for_them(qwen3, offload_dir, device):
+def test_copies_run_on_the_side_stream_after_the_zeroing_and_compute_waits_for_them(
+    qwen3, offload_dir, device, monkeypatch
+):
     """Each experts copy: on the side stream (where the ring's fills run too, from the reader's threads), after a wait
     on the event compute recorded once the buffer was zeroed; then compute waits on the copy's event."""
     path, tokens, _, _ = qwen3
@@ -168,11 +167,8 @@ def test_copies_run_on_the_side_stream_after_the_zeroing_and_compute_waits_for_t
         calls.append((runtime.compute.log[compute_from:], side.log[side_from:], self._copied))
         return tensors
 
-    DeviceExperts.place = logged_place
-    try:
-        assert torch.equal(generate(model), tokens)
-    finally:
-        DeviceExperts.place = place
+    monkeypatch.setattr(DeviceExperts, "place", logged_place)
+    assert torch.equal(generate(model), tokens)
     assert len(calls) == 2 * 6
     for compute, side, copied in calls:
         recorded = [event for kind, event in compute if kind == "record"]
@@ -187,14 +183,9 @@ def test_copies_run_on_the_side_stream_after_the_zeroing_and_compute_waits_for_t
 
 
 def test_a_forward_with_grad_enabled_equals_the_model_in_ram(qwen3, offload_dir, device):
+    """Autograd keeps the experts' device buffer until backward: nothing may reuse it before."""
     path, _, _, reference = qwen3
-    model = load(path, offload_dir, expert_cache_bytes=0)
-    embeds = reference.get_input_embeddings()(IDS).detach().requires_grad_()
-    expected = reference(inputs_embeds=embeds).logits
-    (expected_grad,) = torch.autograd.grad(expected.sum(), embeds)
-    streamed = model(inputs_embeds=embeds).logits
-    (grad,) = torch.autograd.grad(streamed.sum(), embeds)
-    assert torch.equal(streamed, expected) and torch.equal(grad, expected_grad)
+    assert_exact_with_grad(load(path, offload_dir, expert_cache_bytes=0), reference)
     assert device.copy_events
 
 
