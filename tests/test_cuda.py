@@ -342,22 +342,21 @@ def test_moe_copies_only_the_routed_experts_to_the_gpu_and_equals_the_model_ther
     assert all(isinstance(p, DeviceExperts) and p.device == torch.device("cuda", 0) for p in names)
     place, buffers, after = DeviceExperts.place, [], []
 
-    def checked_place(self, host, runs):
-        before = self.bytes_copied
-        tensors = place(self, host, runs)
-        wanted = {e for first, last in runs for e in range(first, last + 1)}
-        assert wanted == set(seen[modules[names[self]]]), "the rows copied are those of the routed experts"
-        assert self.bytes_copied - before == len(wanted) * sum(t.row_bytes for t in self.tensors)
+    def checked_place(self, host, spans):
+        before, module = self.bytes_copied, modules[names[self]]
+        tensors = place(self, host, spans)
+        wanted = set(seen[module])  # the experts top_k_index routed to: only their rows are copied
+        assert self.bytes_copied - before == len(wanted) * sum(t.row_bytes for t in module._hf_hook.tensors)
         weights = reference.get_submodule(names[self])
         for t in self.tensors:
-            value = tensors[t.attr]  # read on the compute stream, which waited for the copy
+            value = tensors[t.name]  # read on the compute stream, which waited for the copy
             assert value.is_cuda and value.data_ptr() % DEVICE_ALIGNMENT == 0
             for e in range(t.shape[0]):
                 if e in wanted:
-                    assert torch.equal(value[e], getattr(weights, t.attr)[e]), (names[self], t.attr, e)
+                    assert torch.equal(value[e], getattr(weights, t.name)[e]), (names[self], t.name, e)
                 else:
-                    assert not value[e].any(), f"{names[self]}.{t.attr}: expert {e} is not routed, yet not zeros"
-        buffers.append(StorageWeakRef(tensors[self.tensors[0].attr].untyped_storage()))
+                    assert not value[e].any(), f"{names[self]}.{t.name}: expert {e} is not routed, yet not zeros"
+        buffers.append(StorageWeakRef(tensors[self.tensors[0].name].untyped_storage()))
         return tensors
 
     monkeypatch.setattr(DeviceExperts, "place", checked_place)
@@ -415,3 +414,27 @@ def test_moe_stream_ordering_under_slow_copies_and_slow_zeroing(offload_dir, con
     with torch.inference_mode():
         exact = torch.equal(model(ids_on_gpu).logits, logits)
     assert exact == (control is None), f"control {control} removed: outputs {'equal' if exact else 'differ'}"
+
+
+@pytest.mark.parametrize("style", ["deepseek", "mixtral"])
+def test_moe_lists_of_expert_modules_on_the_gpu_equal_the_model_there(tmp_path, offload_dir, style):
+    """Remote code's lists of expert modules: each expert called copies its own tensors to the GPU."""
+    from test_expert_modules import IDS, save
+    from transformers import AutoModelForCausalLM
+
+    from accel_nvme.expert_modules import ExpertModuleHook
+    from accel_nvme.expert_transfer import DeviceExperts
+
+    save(tmp_path / "checkpoint", style)
+    ids_on_gpu = IDS.to("cuda:0")
+    mask = torch.ones_like(ids_on_gpu)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", trust_remote_code=True).eval()
+    with torch.inference_mode():
+        tokens = reference.to("cuda:0").generate(ids_on_gpu, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", trust_remote_code=True).eval()
+    model = accel_nvme.dispatch_model(model, {"": "nvme"}, offload_dir=offload_dir, main_device=0)
+    hooks = [m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), ExpertModuleHook)]
+    assert hooks and all(isinstance(hook.placement, DeviceExperts) for hook in hooks)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids_on_gpu, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+    assert sum(hook.placement.bytes_copied for hook in hooks) > 0

@@ -4,9 +4,11 @@ only streams and events are records; files, reads, the model and the copies (syn
 import functools
 
 import pytest
+import test_expert_modules as modules
 import torch
 from fake_cuda import FakeRuntime
 from safetensors.torch import save_file
+from test_expert_modules import STYLES, checkpoints  # noqa: F401  (the remote-code checkpoints fixture)
 from test_experts import IDS, assert_exact_with_grad, build, experts_hooks, generate, load, routed_experts
 from test_gpu_path import load_gpu_check
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -14,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import accel_nvme
 from accel_nvme import dispatch, expert_transfer, tensorkinds
+from accel_nvme.expert_modules import ExpertModuleHook
 from accel_nvme.expert_transfer import DeviceExperts
 from accel_nvme.experts import FULL_READ_SHARE, ExpertsHook
 from accel_nvme.prefetch import Prefetcher
@@ -119,7 +122,7 @@ def test_only_the_routed_rows_go_to_the_device_and_the_others_are_zeros(qwen3, o
         wanted = set(routed)
         hook = module._hf_hook
         others = [e for e in range(hook.num_experts) if e not in wanted]
-        checked["cached_elsewhere"] += any(hook.cache.holds(hook, e) for e in others)
+        checked["cached_elsewhere"] += any(hook.rows.cache.holds(hook.rows, e) for e in others)
         tensors = place(self, host, spans)
         assert sum(device.copied[copied:]) == len(wanted) * row_bytes(hook), f"{name}: bytes copied"
         for t in self.tensors:
@@ -235,3 +238,21 @@ def test_the_gpu_checks_moe_step_copies_the_routed_experts_only(device, tmp_path
     every_row = dict(moe, on_device=["cuda:0"], expert_bytes_copied_per_token=moe["experts_bytes"])
     (row,) = check.moe_rows({"moe": every_row, "cuda": True})
     assert row.verdict == "FAIL", row
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_list_of_expert_modules_equals_the_model_in_ram(checkpoints, offload_dir, device, style):  # noqa: F811
+    """Remote code's lists of expert modules (test_expert_modules.py) on the device path: each call of an expert copies
+    that expert's tensors, and its device buffer is freed when the call returns."""
+    path, tokens, logits, _ = checkpoints[style]
+    model = modules.load(path, offload_dir, expert_cache_bytes=0)
+    hooks = modules.hooks_of(model, ExpertModuleHook)
+    assert hooks and all(isinstance(hook.placement, DeviceExperts) for hook in hooks.values())
+    after = []
+    for name in hooks:
+        model.get_submodule(name).register_forward_hook(lambda *_: after.append(device.live_buffers()))
+    assert torch.equal(modules.generate(model), tokens)
+    with torch.inference_mode():
+        assert torch.equal(model(modules.IDS).logits, logits)
+    assert after and after == [0] * len(after), "a device buffer outlived its expert's call"
+    assert device.copied == [modules.EXPERT_BYTES] * len(after), "each call copies its expert's tensors, once"
