@@ -113,7 +113,7 @@ def _dispatch_nvme(
     """Write (or reuse) the groups, attach one ``NvmeAlignDevicesHook`` per group; the model is changed in place."""
     offload_buffers = accelerate_kwargs["offload_buffers"]
     execution_device = devicemap.execution_device(main_device)
-    per_expert = config.expert_streaming and execution_device.type == "cpu"  # else experts stream with their block
+    per_expert = config.expert_streaming and execution_device.type in ("cpu", "cuda")  # else with their block
     plan = plan_dispatch(model, device_map, main_device, index, mapped, offload_buffers, config.group_bytes, per_expert)
     stream_in_place(plan.groups, config.offload_dir, config.copy)
     manifest = materialize(config.offload_dir, plan.groups, config.io_threads, config.lock_timeout)

@@ -4,9 +4,10 @@ Remote code (DeepSeek-V2/V3's, Kimi's) and transformers 4's MoE models hold a la
 of identical MLPs, and their MoE module calls only the experts a token is routed to. Such a list gets a group file of
 its own, each expert's tensors stored together from a 4096-byte boundary (one O_DIRECT request per expert), and each
 expert module an ``ExpertModuleHook``: when the module is called, its expert is read (unless cached, ``expert_rows.py``)
-and its tensors view the buffer. The module holding the list gets an ``ExpertRoundHook``: its forward is a round, which
-takes the reads started ahead and at its end gives back those the round did not use, and which, when every expert it
-ran saw one token, reads those experts ahead for the next token.
+and its tensors view the buffer (on CUDA: a device copy of them, ``expert_transfer.py``). The module holding the list
+gets an ``ExpertRoundHook``: its forward is a round, which takes the reads started ahead and at its end gives back
+those the round did not use, and which, when every expert it ran saw one token, reads those experts ahead for the next
+token.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from accelerate.utils import set_module_tensor_to_device
 
 from . import owned
 from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
+from .expert_transfer import HostTensor, expert_placement
 from .format import ALIGNMENT, GroupFileError, TensorEntry, storage_order
 from .prefetch import Prefetcher
 from .store import GroupPlan, Manifest, StoredGroup, StoredWeights
+from .tensorkinds import rebuild
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +108,8 @@ class ExpertRoundHook(ModelHook):
 
 
 class ExpertModuleHook(ModelHook):
-    """Before expert ``index`` of a list runs, reads its tensors (unless cached) and puts views of them in the module;
-    after, puts meta tensors back and hands the expert to the cache."""
+    """Before expert ``index`` of a list runs, reads its tensors (unless cached) and puts them in the module
+    (``expert_transfer.py``); after, puts meta tensors back and hands the expert to the cache."""
 
     def __init__(
         self,
@@ -124,7 +127,9 @@ class ExpertModuleHook(ModelHook):
         self.members = {local: entry.name for local, entry in entries.items()}
         self.weights_map = weights
         self.round_hook = round_hook
-        self.execution_device = torch.device("cpu")
+        tensors = [HostTensor(local, entry.start, entry.dtype, entry.shape) for local, entry in entries.items()]
+        self.placement = expert_placement(tensors, self.prefetcher)  # host views, or device copies on CUDA
+        self.execution_device = self.placement.device
         self._meta: dict[str, torch.nn.Parameter] = {}
         self._owners: dict[str, tuple[torch.nn.Module, str]] = {}
 
@@ -148,12 +153,12 @@ class ExpertModuleHook(ModelHook):
         if self.round_hook is not None:
             self.round_hook.called(args, kwargs)
         self.rows.load([self.index], [self.index])
+        values = self.placement.place(self.rows.buffer.tensor, self.rows.experts[self.index].spans)
         grad = torch.is_grad_enabled()
-        for local, entry in self.entries.items():
-            value = self.rows.buffer.tensor[entry.start : entry.end].view(entry.dtype).view(entry.shape)
-            value = value.clone() if grad else value  # autograd may keep it past the expert's eviction
+        for local, meta in self._meta.items():
             owner, attr = self._owners[local]
-            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=grad and self._meta[local].requires_grad)
+            value = rebuild(meta, values[local])  # files keep a narrower checkpoint dtype for CUDA: widened here
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
         owned.refuse_foreign_meta(module, self.group.name, self.execution_device)
         return args, kwargs
 
@@ -164,10 +169,11 @@ class ExpertModuleHook(ModelHook):
         return output
 
     def put_back(self, module: torch.nn.Module) -> None:
-        """The module holds meta tensors again."""
+        """The module holds meta tensors again (a device copy of its expert is freed)."""
         for local, meta in self._meta.items():
             owner, attr = self._owners[local]
             owner._parameters[attr] = meta
+        self.placement.release()
 
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the expert forgotten unless cached."""

@@ -5,9 +5,10 @@ transformers 5 fuses a layer's experts into one module (``gate_up_proj [E, 2I, H
 group file of its own, each fused tensor starting on a 4096-byte boundary with a digest per expert, and an
 ``ExpertsHook`` instead of a place in the group stream: before the module runs, the hook reads the rows of the routed
 experts (one O_DIRECT request per expert and tensor, all in flight at once) into a buffer of the module's full shape,
-which its tensors view. Rows of experts not routed are never read (they hold zeros) and never used. An LRU cache
-(``NvmeConfig.expert_cache_bytes``) keeps the rows of recently used experts; a forward routing more than
-``FULL_READ_SHARE`` of the experts (a prefill) reads every row not cached, in one sequential pass per tensor.
+which its tensors view (on CUDA: a device copy of the routed rows, ``expert_transfer.py``). Rows of experts not routed
+are never read (they hold zeros) and never used. An LRU cache (``NvmeConfig.expert_cache_bytes``) keeps the rows of
+recently used experts; a forward routing more than ``FULL_READ_SHARE`` of the experts (a prefill) reads every row not
+cached, in one sequential pass per tensor.
 
 At batch 1 a decode token often runs the experts the previous token ran in the same layer. So when a module's hook
 has its rows, it starts reading, for the next ``SPECULATE_AHEAD`` experts modules, the rows of the experts their
@@ -31,8 +32,10 @@ from accelerate.utils import set_module_tensor_to_device
 from . import owned
 from .expert_modules import expert_starts, is_expert_list, stream_expert_list
 from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
+from .expert_transfer import HostTensor, expert_placement
 from .prefetch import Prefetcher
 from .store import GroupPlan, Manifest, StoredWeights
+from .tensorkinds import rebuild
 
 if TYPE_CHECKING:
     from .planning import DispatchPlan
@@ -131,7 +134,7 @@ def fused_experts(tensors: tuple[ExpertTensor, ...]) -> list[Expert]:
 
 class ExpertsHook(ModelHook):
     """Before a fused experts module runs, reads the rows of the experts ``top_k_index`` routes to (those not cached)
-    into its buffer and puts views of it into the module; after, puts meta tensors back."""
+    into its buffer and puts its tensors into the module (``expert_transfer.py``); after, puts meta tensors back."""
 
     def __init__(self, rows: ExpertRows, tensors: tuple[ExpertTensor, ...], prefix: str, weights: StoredWeights):
         self.rows = rows
@@ -140,7 +143,10 @@ class ExpertsHook(ModelHook):
         self.tensors = tensors
         self.weights_map = weights
         self.num_experts = tensors[0].shape[0]
-        self.execution_device = torch.device("cpu")  # experts are read per expert for CPU execution only
+        self.placement = expert_placement(
+            [HostTensor(t.attr, t.start, t.dtype, t.shape) for t in tensors], self.prefetcher
+        )
+        self.execution_device = self.placement.device
         self.members = {t.attr: prefix + t.attr for t in tensors}  # local name -> stored name, as the block hook
         self._meta: dict[str, torch.nn.Parameter] = {}
         self._routing: inspect.Signature | None = None
@@ -171,14 +177,13 @@ class ExpertsHook(ModelHook):
         self.rows.finish()
         self.rows.candidates = routed if index.dim() and index.numel() == index.shape[-1] else []  # one token
         self.rows.read_ahead()
+        spans = [span for e in routed for span in self.rows.experts[e].spans]  # a prefill's others: read, not placed
+        values = self.placement.place(self.rows.buffer.tensor, spans)
         grad = torch.is_grad_enabled()
         for t in self.tensors:
-            end = t.start + t.shape[0] * t.row_bytes
-            value = self.rows.buffer.tensor[t.start : end].view(t.dtype).view(t.shape)
-            value = value.clone() if grad else value  # autograd may keep it past the rows' eviction
-            module._parameters[t.attr] = torch.nn.Parameter(
-                value, requires_grad=grad and self._meta[t.attr].requires_grad
-            )
+            meta = self._meta[t.attr]
+            value = rebuild(meta, values[t.attr])  # files keep a narrower checkpoint dtype for CUDA: widened here
+            module._parameters[t.attr] = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
@@ -188,8 +193,9 @@ class ExpertsHook(ModelHook):
         return output
 
     def put_back(self, module: torch.nn.Module) -> None:
-        """The module holds meta tensors again."""
+        """The module holds meta tensors again (a device copy of its rows is freed)."""
         module._parameters.update(self._meta)
+        self.placement.release()
 
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the rows it read that the cache does not hold are forgotten."""

@@ -342,6 +342,22 @@ class Prefetcher:
             logger.info("%d nvme group holder(s) left by an interrupted forward were released", len(leaked))
         return leaked
 
+    @property
+    def runtime(self) -> CudaRuntime | None:
+        """The CUDA calls of the device path (a fake in tests); None on the CPU path."""
+        return self._runtime
+
+    @property
+    def side_stream(self) -> torch.cuda.Stream | None:
+        """The stream host-to-device copies run on (device path only)."""
+        return self._side_stream
+
+    def to_compute(self, data: torch.Tensor, copied: torch.cuda.Event, asked: torch.cuda.Event) -> torch.Tensor:
+        """``data``, copied on the side stream outside the group stream (``expert_transfer.py``), for the compute
+        stream: it waits for ``copied``; the time from ``asked`` to then counts as GPU idle time."""
+        with self._lock:
+            return hand_to_compute(data, copied, self.device, self._meter, self._runtime, asked)
+
     def record_experts(self, nbytes: int, hits: int, misses: int, unused: int = 0) -> None:
         """Count expert rows read outside the group stream (``experts.py``) in the forward in progress."""
         with self._lock:

@@ -1,5 +1,5 @@
-"""The prepared GPU check: the CUDA tests, the Flux-like bench, stream-ordering checks with negative controls, and one
-PASS/FAIL table.
+"""The prepared GPU check: the CUDA tests, an MoE check, the Flux-like bench, stream-ordering checks with negative
+controls, and one PASS/FAIL table.
 
 Run by ``scripts/gpu_check.sh`` on a machine with an NVIDIA GPU (it installs what that machine lacks first); with
 ``--dry-run`` every code path that does not need CUDA runs on the CPU at a tiny size (the CUDA tests skip, the CUDA-only
@@ -7,12 +7,15 @@ rows are "n/a"), which is how the tests check this script. Each step has its own
 own row: a step that fails, raises or runs out of time says so in its row, and the table prints whatever happened.
 
 1. ``pytest -m cuda`` on the files holding the CUDA tests (``CUDA_TEST_FILES``);
-2. ``examples/gpu_bench.py``'s ``run``: a Flux-like bf16 stack, every block streamed, against no offload (and
+2. MoE (``moe_check``): greedy generate of a tiny bf16 Qwen3-MoE streamed with its fused experts read per expert,
+   ``torch.equal`` to the model in memory on the GPU; the expert bytes read and copied to the GPU per decode token,
+   each at most k experts per layer (only the routed experts' rows go to the device);
+3. ``examples/gpu_bench.py``'s ``run``: a Flux-like bf16 stack, every block streamed, against no offload (and
    diffusers' in-RAM stream when installed: information only). Targets: outputs ``torch.equal``; nvme step ≤ 1.10 ×
    max(raw read of the bytes it streams, no-offload step); GPU idle time per step (the compute stream waiting for
    copies, timed with events) ≤ its floor max(0, drive − compute) + 10 % of the step floor; peak VRAM ≤ no offload's
    less the streamed weights plus the device ring; staging-buffer copies ≥ 80 % of a plain pinned copy;
-3. the ordering checks, on a stack with every other block resident in RAM, three forwards without synchronising:
+4. the ordering checks, on a stack with every other block resident in RAM, three forwards without synchronising:
    "slow copies" (a spin kernel before every copy on the side stream: compute must wait on each copy's event) and
    "slow compute" (a spin kernel before every block: the CPU runs ahead, and the device ring must not refill a buffer
    queued kernels still read). Both must stay ``torch.equal`` to no offload, the compute stream must have waited, and
@@ -31,6 +34,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import platform
 import shutil
@@ -64,7 +68,25 @@ DRY_ORDERING_SIZE = {"blocks": 3, "hidden": 64, "tokens": 16}
 SPIN_CYCLES = 20_000_000  # about 10 ms of a spinning kernel at 2 GHz
 COMPUTE_SPIN = 5  # the slow-compute run spins this many times longer per block, and reads without delay: the CPU
 # must run well ahead of the GPU for a ring buffer to be refilled while queued kernels still read it
-BUDGETS = {"tests": 150, "bench": 200, "ordering": 90}  # seconds; gpu_check.sh's limit leaves a margin beyond them
+BUDGETS = {"tests": 150, "moe": 20, "bench": 180, "ordering": 90}  # seconds; gpu_check.sh's limit leaves a margin
+# Tiny Qwen3-MoE of the MoE step: 4 layers of 16 experts, top 2, bf16; each expert's rows a multiple of 4096 bytes
+MOE_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MOE_NEW_TOKENS = 8
 NEGATIVE_CONTROLS = ("wait_event", "consumed")
 # The test files holding CUDA tests (a CPU test checks the list): collecting the whole folder would import what the GPU
 # machine lacks (hypothesis, matplotlib, diffusers) and count its import errors as CUDA failures.
@@ -194,7 +216,66 @@ def run_cuda_tests(timeout: int = BUDGETS["tests"]) -> dict[str, Any]:
     return {**counts, "returncode": result.returncode, "seconds": seconds, "output": result.stdout[-4000:]}
 
 
-# ---------------------------------------------------------------- 3. stream ordering, and its negative controls
+# ---------------------------------------------------------------- 2. MoE: only the routed experts go to the device
+
+
+def moe_check(device: torch.device, folder: Path) -> dict[str, Any]:
+    """Greedy generate of a tiny Qwen3-MoE, every module streamed (the fused experts read per expert), against the same
+    model in memory on ``device``; the expert bytes read and copied to the device per decode token (no expert cache:
+    every routed expert is read), and the bound k experts per layer puts on them."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from accel_nvme.experts import ExpertsHook
+
+    config = Qwen3MoeConfig(**MOE_CONFIG)
+    ids = torch.randint(3, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+
+    def generate(model: torch.nn.Module) -> torch.Tensor:
+        inputs = ids.to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=MOE_NEW_TOKENS, do_sample=False
+            )
+        return out.cpu()
+
+    expected = generate(build().to(device))
+    gpu_bench.release_memory(device)
+    main: int | str = device.index if device.type == "cuda" else "cpu"
+    model = accel_nvme.dispatch_model(
+        build(),
+        {"": "nvme"},
+        offload_dir=str(folder),
+        main_device=main,
+        config=accel_nvme.NvmeConfig(expert_cache_bytes=0),
+    )
+    try:
+        hooks = [m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), ExpertsHook)]
+        copied: list[int] = []
+        model.register_forward_hook(lambda *_: copied.append(sum(h.placement.bytes_copied for h in hooks)))
+        tokens = generate(model)
+        forwards = accel_nvme.stats(model).forwards
+    finally:
+        accel_nvme.close(model, load_back=False)
+    decode = forwards[1:]
+    steps = [after - before for before, after in itertools.pairwise(copied)]
+    rows = sum(t.row_bytes for t in hooks[0].tensors) if hooks else 0
+    return {
+        "exact": torch.equal(tokens, expected),
+        "on_device": [str(h.execution_device) for h in hooks],
+        "decode_tokens": len(decode),
+        "expert_bytes_read_per_token": sum(f.expert_bytes_read - f.expert_bytes_unused for f in decode) / len(decode),
+        "expert_bytes_unused_per_token": sum(f.expert_bytes_unused for f in decode) / len(decode),
+        "expert_bytes_copied_per_token": sum(steps) / len(steps) if steps else 0,
+        "routed_bound_per_token": len(hooks) * config.num_experts_per_tok * rows,
+        "experts_bytes": len(hooks) * config.num_experts * rows,
+    }
+
+
+# ---------------------------------------------------------------- 4. stream ordering, and its negative controls
 
 
 def _patch(owner: Any, name: str, make: Callable[[Any], Any], undo: list[Callable[[], None]]) -> None:
@@ -534,9 +615,27 @@ def ordering_rows(report: dict[str, Any]) -> list[Row]:
     return out
 
 
+def moe_rows(report: dict[str, Any]) -> list[Row]:
+    """The MoE step: exact tokens, and the expert bytes per decode token within k experts per layer."""
+    moe = report.get("moe", {"error": "not run"})
+    name = "MoE: generate torch.equal, routed experts only"
+    if "error" in moe:
+        return [Row(name, moe["error"], "equal, <= k experts per layer", "FAIL")]
+    bound = moe["routed_bound_per_token"]
+    copied = moe["expert_bytes_copied_per_token"]
+    value = f"{'equal' if moe['exact'] else 'NOT EQUAL'}; per decode token: read"
+    value += f" {moe['expert_bytes_read_per_token']:.0f} B (+{moe['expert_bytes_unused_per_token']:.0f} read ahead,"
+    value += f" unused), copied to the device {copied:.0f} B"
+    value += f" of {moe['experts_bytes']} B of experts"
+    on_device = all(where.startswith("cuda") for where in moe["on_device"]) and bool(moe["on_device"])
+    within = 0 < moe["expert_bytes_read_per_token"] <= bound and (0 < copied <= bound if report["cuda"] else True)
+    passed = moe["exact"] and within and (on_device or not report["cuda"])
+    return [Row(name, value, f"equal, read and copied <= {bound} B", verdict(passed))]
+
+
 def rows(report: dict[str, Any]) -> list[Row]:
     """The PASS/FAIL table of a report."""
-    return [*test_rows(report), *bench_rows(report), *ordering_rows(report)]
+    return [*test_rows(report), *moe_rows(report), *bench_rows(report), *ordering_rows(report)]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -632,6 +731,11 @@ def check(args: argparse.Namespace, folder: Path, save: Callable[[dict[str, Any]
         gpu_bench.progress("pytest -m cuda tests")
         guarded(report, "cuda_tests", BUDGETS["tests"] + 10, functools.partial(run_cuda_tests, BUDGETS["tests"]))
         save(report)
+    gpu_bench.progress("MoE: a tiny Qwen3-MoE, routed experts only")
+    (folder / "moe").mkdir(parents=True, exist_ok=True)
+    guarded(report, "moe", BUDGETS["moe"], functools.partial(moe_check, settings.device, folder / "moe"))
+    save(report)
+    gpu_bench.release_memory(settings.device)
     gpu_bench.progress("bench")
     guarded(report, "bench", BUDGETS["bench"], functools.partial(gpu_bench.run, settings))
     save(report)

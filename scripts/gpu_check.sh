@@ -4,15 +4,16 @@
 #   bash scripts/gpu_check.sh --negative-control wait_event   # the ordering rows must then FAIL
 # It installs diffusers from wheels/ when the machine lacks it and wheels/ was carried (scripts/fetch_gpu_wheels.sh;
 # without either, the diffusers comparison, information only, is skipped), then runs scripts/gpu_check.py: the CUDA
-# tests, the Flux-like bench, the ordering checks and their negative controls, each within its own time budget, and
-# prints a PASS/FAIL table whatever fails. The JSON report goes to $OUT/gpu_check.json when $OUT is set (the device
-# tool's output folder), else to ./gpu-check-out/. Extra arguments go to gpu_check.py (see --help).
+# tests, the MoE check (a tiny Qwen3-MoE: only routed experts go to the GPU), the Flux-like bench, the ordering checks
+# and their negative controls, each within its own time budget, and prints a PASS/FAIL table whatever fails. The JSON
+# report goes to $OUT/gpu_check.json when $OUT is set (the device tool's output folder), else to ./gpu-check-out/.
+# Extra arguments go to gpu_check.py (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${ACCEL_NVME_GPU_SITE:-/tmp/accel-nvme-gpu-site}
 REPORT_DIR=${OUT:-$PWD/gpu-check-out}
-LIMIT_S=${GPU_CHECK_LIMIT_S:-500}  # the steps' budgets (tests 160, bench 200, ordering 90) plus start-up and margin
+LIMIT_S=${GPU_CHECK_LIMIT_S:-500}  # the budgets (tests 160, moe 20, bench 180, ordering 90), start-up, margin
 
 if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
     if compgen -G "wheels/*.whl" >/dev/null; then

@@ -290,3 +290,151 @@ def test_stream_ordering_under_slow_copies_and_slow_compute_with_negative_contro
     assert result["copies"]["stall_s"] > 0  # the GPU waited for copies: their events were waited on
     assert not result["without_wait_event"]["exact"], "removing the wait on copies must break the outputs"
     assert not result["without_consumed"]["exact"], "removing the ring's wait on compute must break the outputs"
+
+
+# ---------------------------------------------------------------- MoE: only the routed experts go to the GPU (issue 22)
+
+
+def moe_reference(ids_on_gpu):
+    """A tiny Qwen3-MoE on the GPU: the model, its greedy tokens and its logits."""
+    from test_experts import build
+
+    reference = build("qwen3_moe", experts_implementation="eager").to("cuda:0")  # fp32: not every GPU groups fp32
+    with torch.inference_mode():
+        tokens = reference.generate(
+            ids_on_gpu, attention_mask=torch.ones_like(ids_on_gpu), max_new_tokens=6, do_sample=False
+        )
+        logits = reference(ids_on_gpu).logits
+    return reference, tokens, logits
+
+
+def moe_on_nvme(offload_dir, cache=0):
+    """The same model, every module streamed, its fused experts read per expert, computing on cuda:0 (the GPU check
+    runs a bf16 one with transformers' default grouped experts)."""
+    from test_experts import build
+
+    model = build("qwen3_moe", experts_implementation="eager")
+    config = NvmeConfig(expert_cache_bytes=cache)
+    return accel_nvme.dispatch_model(model, {"": "nvme"}, offload_dir=offload_dir, main_device=0, config=config)
+
+
+def experts_modules(model):
+    from accel_nvme.experts import ExpertsHook
+
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "_hf_hook", None), ExpertsHook)}
+
+
+@pytest.mark.parametrize("cache", [0, 1 << 30], ids=["no_cache", "cache"])
+def test_moe_copies_only_the_routed_experts_to_the_gpu_and_equals_the_model_there(offload_dir, cache, monkeypatch):
+    from test_experts import IDS, routed_experts
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from accel_nvme.expert_transfer import DeviceExperts
+    from accel_nvme.transfer import DEVICE_ALIGNMENT
+
+    ids_on_gpu = IDS.to("cuda:0")
+    reference, tokens, logits = moe_reference(ids_on_gpu)
+    model = moe_on_nvme(offload_dir, cache)
+    modules = experts_modules(model)
+    seen = routed_experts(model)
+    assert len(modules) == 2
+    names = {m._hf_hook.placement: name for name, m in modules.items()}
+    assert all(isinstance(p, DeviceExperts) and p.device == torch.device("cuda", 0) for p in names)
+    place, buffers, after = DeviceExperts.place, [], []
+
+    def checked_place(self, host, spans):
+        before, module = self.bytes_copied, modules[names[self]]
+        tensors = place(self, host, spans)
+        wanted = set(seen[module])  # the experts top_k_index routed to: only their rows are copied
+        assert self.bytes_copied - before == len(wanted) * sum(t.row_bytes for t in module._hf_hook.tensors)
+        weights = reference.get_submodule(names[self])
+        for t in self.tensors:
+            value = tensors[t.name]  # read on the compute stream, which waited for the copy
+            assert value.is_cuda and value.data_ptr() % DEVICE_ALIGNMENT == 0
+            for e in range(t.shape[0]):
+                if e in wanted:
+                    assert torch.equal(value[e], getattr(weights, t.name)[e]), (names[self], t.name, e)
+                else:
+                    assert not value[e].any(), f"{names[self]}.{t.name}: expert {e} is not routed, yet not zeros"
+        buffers.append(StorageWeakRef(tensors[self.tensors[0].name].untyped_storage()))
+        return tensors
+
+    monkeypatch.setattr(DeviceExperts, "place", checked_place)
+    for module in modules.values():
+        module.register_forward_hook(lambda *_: after.append(sum(not ref.expired() for ref in buffers)))
+    with torch.inference_mode():
+        assert torch.equal(
+            model.generate(ids_on_gpu, attention_mask=torch.ones_like(ids_on_gpu), max_new_tokens=6, do_sample=False),
+            tokens,
+        )
+        assert torch.equal(model(ids_on_gpu).logits, logits)
+    assert len(after) == 2 * 7 and after == [0] * len(after), "a device buffer outlived its module's forward"
+    decode = accel_nvme.stats(model).forwards[1:6]
+    assert all(f.expert_cache_hits + f.expert_cache_misses == 2 * 2 for f in decode)
+
+
+@pytest.mark.parametrize("control", [None, "wait_on_copy", "wait_on_zeroing"])
+def test_moe_stream_ordering_under_slow_copies_and_slow_zeroing(offload_dir, control, monkeypatch):
+    """Copies queued behind a spin on the side stream, and the zeroing behind a spin on the compute stream: exact with
+    both waits; with either removed (negative controls) the experts compute on zeros or get their rows wiped."""
+    from test_experts import IDS
+
+    from accel_nvme import expert_transfer
+    from accel_nvme.expert_transfer import DeviceExperts
+
+    ids_on_gpu = IDS.to("cuda:0")
+    _, _, logits = moe_reference(ids_on_gpu)
+    model = moe_on_nvme(offload_dir)
+    copy_runs, aligned_empty, place = expert_transfer.copy_runs, expert_transfer.aligned_empty, DeviceExperts.place
+
+    def slow_copy(data, host, layout):  # on the side stream
+        torch.cuda._sleep(20_000_000)
+        return copy_runs(data, host, layout)
+
+    def slow_zeroing(nbytes, device):  # on the compute stream, before the zeroing: longer than the copy's spin
+        data = aligned_empty(nbytes, device)
+        torch.cuda._sleep(100_000_000)
+        return data
+
+    def place_without_waiting_for_the_zeroing(self, host, runs):
+        side = self.prefetcher.side_stream
+        side.wait_event = lambda event: None
+        try:
+            return place(self, host, runs)
+        finally:
+            del side.wait_event
+
+    monkeypatch.setattr(expert_transfer, "copy_runs", slow_copy)
+    monkeypatch.setattr(expert_transfer, "aligned_empty", slow_zeroing)
+    if control == "wait_on_copy":  # the experts' copies only: the block groups still wait for theirs
+        prefetcher = next(iter(experts_modules(model).values()))._hf_hook.prefetcher
+        monkeypatch.setattr(prefetcher, "to_compute", lambda data, copied, asked: data)
+    elif control == "wait_on_zeroing":
+        monkeypatch.setattr(DeviceExperts, "place", place_without_waiting_for_the_zeroing)
+    with torch.inference_mode():
+        exact = torch.equal(model(ids_on_gpu).logits, logits)
+    assert exact == (control is None), f"control {control} removed: outputs {'equal' if exact else 'differ'}"
+
+
+@pytest.mark.parametrize("style", ["deepseek", "mixtral"])
+def test_moe_lists_of_expert_modules_on_the_gpu_equal_the_model_there(tmp_path, offload_dir, style):
+    """Remote code's lists of expert modules: each expert called copies its own tensors to the GPU."""
+    from test_expert_modules import IDS, save
+    from transformers import AutoModelForCausalLM
+
+    from accel_nvme.expert_modules import ExpertModuleHook
+    from accel_nvme.expert_transfer import DeviceExperts
+
+    save(tmp_path / "checkpoint", style)
+    ids_on_gpu = IDS.to("cuda:0")
+    mask = torch.ones_like(ids_on_gpu)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", trust_remote_code=True).eval()
+    with torch.inference_mode():
+        tokens = reference.to("cuda:0").generate(ids_on_gpu, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", trust_remote_code=True).eval()
+    model = accel_nvme.dispatch_model(model, {"": "nvme"}, offload_dir=offload_dir, main_device=0)
+    hooks = [m._hf_hook for m in model.modules() if isinstance(getattr(m, "_hf_hook", None), ExpertModuleHook)]
+    assert hooks and all(isinstance(hook.placement, DeviceExperts) for hook in hooks)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids_on_gpu, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+    assert sum(hook.placement.bytes_copied for hook in hooks) > 0

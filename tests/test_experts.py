@@ -401,7 +401,11 @@ def test_settings(monkeypatch):
 
 def test_a_forward_with_grad_enabled_equals_the_model_in_ram(checkpoints, offload_dir):
     path, _, _, reference = checkpoints["mixtral"]
-    model = load(path, offload_dir, expert_cache_bytes=0)
+    assert_exact_with_grad(load(path, offload_dir, expert_cache_bytes=0), reference)
+
+
+def assert_exact_with_grad(model, reference):
+    """A forward with grad enabled, and the gradient of its inputs, ``torch.equal`` to ``reference``'s."""
     embeds = reference.get_input_embeddings()(IDS).detach().requires_grad_()
     expected = reference(inputs_embeds=embeds).logits
     (expected_grad,) = torch.autograd.grad(expected.sum(), embeds)

@@ -228,7 +228,10 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     for row in ("H2D staging buffers / plain pinned", "nvme step / max(drive, compute)", "peak VRAM nvme (bench)"):
         assert verdicts[row] == "n/a", row
     assert verdicts["negative control: without wait_event"] == "n/a"
-    assert set(report["seconds"]) == {"cuda_tests", "bench", "ordering"}
+    assert set(report["seconds"]) == {"cuda_tests", "moe", "bench", "ordering"}
+    moe = report["moe"]  # the CPU path here: read per expert, nothing copied
+    assert moe["exact"] is True and 0 < moe["expert_bytes_read_per_token"] <= moe["routed_bound_per_token"]
+    assert verdicts["MoE: generate torch.equal, routed experts only"] == "PASS"
     assert "GPU CHECK: PASS" in result.stdout
     assert "gpu_check.sh: torch" in result.stdout  # the versions line, after the install step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # its temporary folders are gone
@@ -274,11 +277,22 @@ def gpu_report(step_s: float = 2.1, h2d_ratio: float = 0.93, exact: bool = True,
     }
     ordering["without_wait_event"] = dict(run, exact=False, control_removed="wait_event")
     ordering["without_consumed"] = dict(run, exact=False, control_removed="consumed")
+    moe = {
+        "exact": True,
+        "on_device": ["cuda:0"] * 4,
+        "decode_tokens": 7,
+        "expert_bytes_read_per_token": 1572864.0,
+        "expert_bytes_unused_per_token": 10000.0,
+        "expert_bytes_copied_per_token": 1572864.0,
+        "routed_bound_per_token": 1572864,
+        "experts_bytes": 12582912,
+    }
     return {
         "dry_run": False,
         "cuda": True,
         "negative_control": None,
         "cuda_tests": tests,
+        "moe": moe,
         "bench": bench,
         "ordering": ordering,
     }
@@ -321,6 +335,12 @@ def _set(report: dict, path: str, value) -> dict:
         ),
         ("cuda_tests.failures", 2, ["CUDA tests (pytest -m cuda)"]),
         ("cuda_tests", {"error": "pytest ran past its budget of 150 s"}, ["CUDA tests (pytest -m cuda)"]),
+        ("moe.exact", False, ["MoE: generate torch.equal, routed experts only"]),
+        ("moe.expert_bytes_copied_per_token", 1572865.0, ["MoE: generate torch.equal, routed experts only"]),
+        ("moe.expert_bytes_copied_per_token", 0.0, ["MoE: generate torch.equal, routed experts only"]),
+        ("moe.expert_bytes_read_per_token", 1572865.0, ["MoE: generate torch.equal, routed experts only"]),
+        ("moe.on_device", ["cpu"] * 4, ["MoE: generate torch.equal, routed experts only"]),
+        ("moe", {"error": "StepTimeout: over its budget of 20 s"}, ["MoE: generate torch.equal, routed experts only"]),
         ("ordering.copies.exact", False, ["ordering: slow copies (wait on copy)"]),
         ("ordering.copies.stall_s", 0.0, ["ordering: slow copies (wait on copy)"]),
         ("ordering.compute.host_resident_groups", 0, ["ordering: slow compute (ring reuse)"]),

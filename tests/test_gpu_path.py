@@ -2,7 +2,6 @@
 finaliser, fork), the device ring's accounting and alignment, the GPU idle meter, cuda:1 placement, close after a
 forward. Only the CUDA runtime calls are faked (registration, streams, events); files, reads and models are real."""
 
-import contextlib
 import gc
 import importlib.util
 import itertools
@@ -11,11 +10,11 @@ import os
 import re
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from fake_cuda import FakeRuntime, FakeStream
 from helpers import tiny_lm
 
 import accel_nvme
@@ -182,62 +181,6 @@ def test_a_forked_child_does_not_inherit_pinned_buffers_nor_unregister_them(fake
 
 
 # ---------------------------------------------------------------- the device ring and its layout
-
-
-class FakeEvent:
-    def __init__(self, clock, sync_delay=0.0):
-        self.clock, self.at, self.done, self.sync_delay = clock, None, True, sync_delay
-
-    def record(self, stream):
-        self.at = self.clock[0]
-        stream.log.append(("record", self))
-
-    def query(self):
-        return self.done
-
-    def synchronize(self):
-        time.sleep(self.sync_delay)
-
-    def elapsed_time(self, other):
-        return (other.at - self.at) * 1e3
-
-
-class FakeStream:
-    def __init__(self):
-        self.log = []
-
-    def wait_event(self, event):
-        self.log.append(("wait", event))
-
-    def synchronize(self):
-        pass
-
-
-class FakeRuntime:
-    """Streams and events of the CUDA runtime, as records; ``clock[0]`` is the time events are recorded at."""
-
-    def __init__(self, sync_delay=0.0):
-        self.clock = [0.0]
-        self.sync_delay = sync_delay  # how long waiting for a copy takes: staging buffers come back late
-        self.compute = FakeStream()
-        self.side: list[FakeStream] = []
-        self.synchronized = 0
-
-    def stream(self, device):
-        self.side.append(FakeStream())
-        return self.side[-1]
-
-    def synchronize(self, device):
-        self.synchronized += 1
-
-    def event(self):
-        return FakeEvent(self.clock, self.sync_delay)
-
-    def current_stream(self, device):
-        return self.compute
-
-    def using(self, device, stream):
-        return contextlib.nullcontext()
 
 
 @pytest.fixture(scope="module")
