@@ -69,15 +69,47 @@ def _owner(module: torch.nn.Module, local: str) -> tuple[torch.nn.Module, str]:
     return module.get_submodule(path), attr
 
 
-class ExpertRoundHook(ModelHook):
-    """On the module holding an expert list: its forward is one round of the list's experts (``ExpertRows``)."""
+def routed_by(output: object, experts: int, top_k: int | None) -> list[int] | None:
+    """The experts a router's ``output`` routes to: its expert indices (an integer tensor, DeepSeek's gate), or the
+    ``top_k`` largest of its logits over ``experts`` (a linear gate, transformers 4's Mixtral); None if neither."""
+    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.numel() == 0 or first.dtype == torch.bool:
+        return None
+    if not first.is_floating_point():
+        values = first.reshape(-1)
+        return sorted(set(values.tolist())) if values.min() >= 0 and values.max() < experts else None
+    if first.shape[-1] != experts or not top_k or top_k > experts:
+        return None
+    return sorted(set(first.reshape(-1, experts).topk(top_k, dim=-1).indices.reshape(-1).tolist()))
 
-    def __init__(self, rows: ExpertRows):
+
+class ExpertRoundHook(ModelHook):
+    """On the module holding an expert list: its forward is one round of the list's experts (``ExpertRows``). Its
+    other children are watched as routers: once one names the experts about to be called, their reads start, all in
+    flight at once, instead of one at a time as the module calls them."""
+
+    def __init__(self, rows: ExpertRows, experts: torch.nn.ModuleList):
         self.rows = rows
+        self.experts = experts
         self.prefetcher = rows.prefetcher
         self.execution_device = None  # moves nothing: ``close`` has nothing to load back here
         self.members: dict[str, str] = {}
         self.one_token = True
+        self._watches: list[torch.utils.hooks.RemovableHandle] = []
+
+    def init_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Watch the module's other children (its router among them) with forward hooks of torch's."""
+        top_k = getattr(module, "top_k", None) or getattr(module, "num_experts_per_tok", None)
+        for child in module.children():
+            if child is not self.experts:
+                k = top_k or getattr(child, "top_k", None)
+                self._watches.append(child.register_forward_hook(lambda _, __, out, k=k: self._routed(out, k)))
+        return module
+
+    def _routed(self, output: object, top_k: int | None) -> None:
+        routed = routed_by(output, len(self.rows.experts), top_k)
+        if routed is not None:
+            self.rows.start(routed)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         """A round starts: the reads ahead are taken over; with more tokens than ``FULL_READ_SHARE`` of the experts (a
@@ -105,6 +137,13 @@ class ExpertRoundHook(ModelHook):
     def abort(self, module: torch.nn.Module) -> None:
         """The round raised: what it read, or was read ahead, is forgotten unless cached."""
         self.rows.abort()
+
+    def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Stop watching the router."""
+        for watch in self._watches:
+            watch.remove()
+        self._watches = []
+        return module
 
 
 class ExpertModuleHook(ModelHook):
@@ -220,7 +259,7 @@ def stream_expert_list(
     parent = model.get_submodule(name.rpartition(".")[0])
     round_hook = None
     if getattr(parent, "_hf_hook", None) is None:
-        round_hook = ExpertRoundHook(rows)
+        round_hook = ExpertRoundHook(rows, experts)
         attach_with_abort(parent, round_hook)
     else:
         logger.info("%s holds a hook already: the experts of %r are not read ahead", type(parent).__name__, name)

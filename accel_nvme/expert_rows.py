@@ -173,6 +173,24 @@ class ExpertRows:
         nbytes = sum(s.length for s in segments) + sum(pending.nbytes[e] for e in confirmed)
         self.prefetcher.record_experts(nbytes, hits, len(routed) - hits)
 
+    def start(self, experts: list[int]) -> None:
+        """Start reading ``experts`` now (those not cached, loaded or in flight), all at once; ``load`` then waits for
+        them as for reads ahead, and ``finish`` counts those never loaded as unused."""
+        pending = self._pending
+        new = [
+            e for e in experts if e not in self._in_use and not self.cache.holds(self, e) and e not in pending.nbytes
+        ]
+        if not new:
+            return
+        pending.futures += self.prefetcher.reader.submit(self._segments(new), self.buffer)
+        pending.experts += new
+        pending.nbytes.update({e: sum(end - start for start, end in self._spans(e)) for e in new})
+
+    @property
+    def pending(self) -> list[int]:
+        """The experts whose reads the round in progress took over or started, not loaded yet."""
+        return sorted(set(self._pending.nbytes) - self._confirmed)
+
     def finish(self) -> None:
         """The round's experts are known: the reads ahead it did not use are given back, counted as unused."""
         pending, self._pending = self._pending, Speculation()

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import accel_nvme
 from accel_nvme import NvmeConfig
 from accel_nvme.dispatch import group_files
-from accel_nvme.expert_modules import ExpertModuleHook, ExpertRoundHook, is_expert_list
+from accel_nvme.expert_modules import ExpertModuleHook, ExpertRoundHook, is_expert_list, routed_by
 from accel_nvme.format import ALIGNMENT, GroupFileError
 from accel_nvme.store import load_manifest
 
@@ -180,6 +180,39 @@ def test_the_previous_tokens_experts_are_read_ahead(checkpoints, offload_dir):
     assert accel_nvme.stats(model).forwards[-1].expert_bytes_unused == unused * EXPERT_BYTES
     accel_nvme.close(model)
     assert first.reading_ahead == [] and last.reading_ahead == []
+
+
+def test_a_decode_round_starts_its_experts_reads_once_the_router_has_run(checkpoints, offload_dir):
+    """Both styles route with a linear gate (logits over the experts) and the MoE module's ``top_k``: when the first
+    expert is called, the reads of every expert the round calls are in flight or done already (not one at a time)."""
+    path, tokens, _, _ = checkpoints["mixtral"]
+    model = load(path, offload_dir, expert_cache_bytes=0)
+    rounds = []
+    every = [m for n, m in model.named_modules() if n.endswith(".mlp.experts")]
+    for rows, experts in zip(lists(model), every, strict=True):
+
+        def first_call(expert, args, rows=rows, experts=experts):
+            if not rounds or rounds[-1][0] is not rows:
+                rounds.append((rows, set(rows.pending) | set(rows.used), set()))
+            rounds[-1][2].add(next(i for i, e in enumerate(experts) if e is expert))
+
+        for expert in experts:
+            expert.register_forward_pre_hook(first_call)
+    assert torch.equal(generate(model, new=4), tokens[:, : IDS.shape[1] + 4])
+    decode = rounds[2:]  # after the prefill's
+    assert len(decode) == 3 * 2 and all(len(called) == 2 for _, _, called in decode)
+    for _, started, called in decode:
+        assert called <= started, "an expert the round calls was not being read when its first expert ran"
+
+
+def test_what_a_router_routes_to():
+    assert routed_by((torch.tensor([[3, 1], [1, 7]]), torch.ones(2, 2)), 8, None) == [1, 3, 7], "DeepSeek's gate"
+    logits = torch.tensor([[0.1, 0.9, 0.3, 0.8], [0.7, 0.0, 0.2, 0.1]])
+    assert routed_by(logits, 4, 2) == [0, 1, 2, 3] and routed_by(logits[:1], 4, 2) == [1, 3], "a linear gate"
+    assert routed_by(logits, 4, None) is None, "logits without top_k say nothing"
+    assert routed_by(torch.ones(2, 5), 4, 2) is None, "not over the experts (a shared expert's output)"
+    assert routed_by(torch.tensor([[0, 9]]), 8, None) is None, "not expert indices"
+    assert routed_by(torch.tensor([True, False]), 2, None) is None
 
 
 def test_a_prefill_reads_every_expert_in_one_pass(checkpoints, offload_dir, monkeypatch):
