@@ -7,7 +7,7 @@ expert module an ``ExpertModuleHook``: when the module is called, its expert is 
 and its tensors view the buffer (on CUDA: a device copy of them, ``expert_transfer.py``). The module holding the list
 gets an ``ExpertRoundHook``: its forward is a round, which takes the reads started ahead and at its end gives back
 those the round did not use, and which, when every expert it ran saw one token, reads those experts ahead for the next
-token.
+token. It watches the module's router too: once the router has named the experts, their reads start, all at once.
 """
 
 from __future__ import annotations
