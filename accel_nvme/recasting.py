@@ -77,12 +77,12 @@ def _recast(hooks: list[NvmeAlignDevicesHook]) -> int:
     casts = _narrowed(hooks, manifest)
     if not casts:
         return 0
-    experts = next((group.name for group in manifest.groups if group.row_digests), None)
+    experts = next((group.name for group in manifest.groups if group.row_digests or group.expert_starts), None)
     if experts is not None:
         raise RuntimeError(
             f"{len(casts)} streamed weights were cast after dispatch (e.g. {next(iter(casts))!r} to "
-            f"{next(iter(casts.values()))}), but their groups cannot be rewritten in a model with fused MoE experts "
-            f"({experts!r}): load the model again and apply the casting before dispatching"
+            f"{next(iter(casts.values()))}), but their groups cannot be rewritten in a model with MoE experts read "
+            f"one expert at a time ({experts!r}): load the model again and apply the casting before dispatching"
         )
     with prefetcher.forward_lock:
         if prefetcher.holders():

@@ -11,6 +11,7 @@ from diffusers.hooks import apply_layerwise_casting
 
 import accel_nvme
 from accel_nvme import tensorkinds
+from accel_nvme.expert_modules import ExpertModuleHook
 from accel_nvme.format import ALIGNMENT, TENSOR_ALIGNMENT, align_up, read_layout
 from accel_nvme.store import FOLDER_PREFIX
 
@@ -178,6 +179,31 @@ def test_a_model_with_fused_moe_experts_is_refused(offload_dir):
     )  # fmt: skip
     torch.manual_seed(0)
     streamed = accel_nvme.dispatch_model(transformers.OlmoeForCausalLM(config), {"": "nvme"}, offload_dir=offload_dir)
-    with pytest.raises(RuntimeError, match=r"cannot be rewritten in a model with fused MoE experts .*before dispatch"):
+    with pytest.raises(RuntimeError, match=r"cannot be rewritten in a model with MoE experts .*before dispatch"):
+        apply_layerwise_casting(streamed, FP8, torch.float32, skip_modules_pattern=())
+    assert len(list(offload_dir.glob(f"{FOLDER_PREFIX}*"))) == 1
+
+
+class ExpertList(torch.nn.Module):
+    """A block holding a list of expert modules (as remote code does), calling the first two."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, 4)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        return self.experts[0](x) + self.experts[1](self.gate(x).sum() * x)
+
+
+def test_a_model_with_a_list_of_expert_modules_is_refused(offload_dir):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ExpertList(), torch.nn.Linear(16, 256))  # the block under half the model: not split
+    x = torch.randn(2, 16)
+    expected = model(x)
+    streamed = accel_nvme.dispatch_model(model, {"0": "nvme", "1": "nvme"}, offload_dir=offload_dir)
+    assert isinstance(streamed[0].experts[2]._hf_hook, ExpertModuleHook)
+    assert torch.equal(streamed(x), expected)
+    with pytest.raises(RuntimeError, match=r"MoE experts read one expert at a time \('0.experts'\)"):
         apply_layerwise_casting(streamed, FP8, torch.float32, skip_modules_pattern=())
     assert len(list(offload_dir.glob(f"{FOLDER_PREFIX}*"))) == 1
