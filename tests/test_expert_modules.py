@@ -313,8 +313,10 @@ def test_close_loads_the_experts_back(checkpoints, offload_dir):
     path, tokens, _, _ = checkpoints["deepseek"]
     model = load(path, offload_dir)
     assert torch.equal(generate(model), tokens)
+    assert model.model.layers[0].mlp.gate._forward_hooks, "the router is watched"
     accel_nvme.close(model)
     assert not hooks_of(model, ExpertModuleHook) and not hooks_of(model, ExpertRoundHook)
+    assert not any(m._forward_hooks for m in model.modules()), "and no longer"
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert torch.equal(generate(model), tokens)
 
