@@ -14,7 +14,7 @@ import functools
 import logging
 import sys
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -201,9 +201,10 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
     def _refuse_kept_views(self, module: torch.nn.Module, staging: frozenset[int]) -> None:
         """A module attribute still viewing the staging buffer would later read another group's bytes: refuse it.
 
-        Checks tensors held as plain attributes (or in a tuple/list of tensors) of the module and its submodules.
+        Checks tensors held as plain attributes (or in a tuple/list of tensors) of the module and its submodules, but
+        not of those under a submodule with a hook of its own (MoE experts): they check their own.
         """
-        for submodule in module.modules():
+        for submodule in _unhooked_modules(module):
             for attr, value in vars(submodule).items():
                 if isinstance(value, torch.Tensor):
                     kept = _views_staging(value, staging)
@@ -261,6 +262,15 @@ class NvmeAlignDevicesHook(AlignDevicesHook):
                 streamed.put(torch.nn.Parameter(value, requires_grad=False) if wrap else value)
         self.prefetcher.detach()
         return module
+
+
+def _unhooked_modules(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` and its submodules, less those under a submodule carrying a hook of its own."""
+    stack = [module]
+    while stack:
+        submodule = stack.pop()
+        yield submodule
+        stack.extend(c for c in submodule._modules.values() if c is not None and "_hf_hook" not in vars(c))
 
 
 def _views_staging(tensor: torch.Tensor, staging: frozenset[int]) -> bool:
