@@ -16,7 +16,6 @@ import logging
 
 import torch
 from accelerate.hooks import ModelHook
-from accelerate.utils import set_module_tensor_to_device
 
 from . import owned
 from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
@@ -24,7 +23,6 @@ from .expert_transfer import HostTensor, expert_placement
 from .format import ALIGNMENT, GroupFileError, TensorEntry, storage_order
 from .prefetch import Prefetcher
 from .store import GroupPlan, Manifest, StoredGroup, StoredWeights
-from .tensorkinds import rebuild
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +60,6 @@ def _rows(args: tuple, kwargs: dict) -> int:
     """Rows (tokens) of the first tensor among a forward's arguments; 0 without one."""
     hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     return hidden.numel() // hidden.shape[-1] if hidden is not None and hidden.dim() and hidden.shape[-1] else 0
-
-
-def _owner(module: torch.nn.Module, local: str) -> tuple[torch.nn.Module, str]:
-    path, _, attr = local.rpartition(".")
-    return module.get_submodule(path), attr
 
 
 def routed_by(output: object, experts: int, top_k: int | None) -> list[int] | None:
@@ -169,22 +162,14 @@ class ExpertModuleHook(ModelHook):
         tensors = [HostTensor(local, entry.start, entry.dtype, entry.shape) for local, entry in entries.items()]
         self.placement = expert_placement(tensors, self.prefetcher)  # host views, or device copies on CUDA
         self.execution_device = self.placement.device
-        self._meta: dict[str, torch.nn.Parameter] = {}
-        self._owners: dict[str, tuple[torch.nn.Module, str]] = {}
 
     def __repr__(self) -> str:
         return f"ExpertModuleHook(group={self.group.name!r}, expert={self.index})"
 
     def init_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Leave meta tensors in the module, recorded as ours (peft places adapters by them). The modules owning the
-        tensors are found once: a wrapper put around one later (peft's LoRA layers) keeps it as its base layer."""
+        """Leave meta tensors in the module."""
         self.prefetcher.attach()
-        for local in self.entries:
-            owner, attr = self._owners[local] = _owner(module, local)
-            param = owner._parameters[attr]
-            meta = param if param.device.type == "meta" else torch.nn.Parameter(param.to("meta"), param.requires_grad)
-            self._meta[local] = owner._parameters[attr] = meta
-            owned.register(meta, self.execution_device)
+        self.placement.leave_meta(module)
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -192,12 +177,7 @@ class ExpertModuleHook(ModelHook):
         if self.round_hook is not None:
             self.round_hook.called(args, kwargs)
         self.rows.load([self.index], [self.index])
-        values = self.placement.place(self.rows.buffer.tensor, self.rows.experts[self.index].spans)
-        grad = torch.is_grad_enabled()
-        for local, meta in self._meta.items():
-            owner, attr = self._owners[local]
-            value = rebuild(meta, values[local])  # files keep a narrower checkpoint dtype for CUDA: widened here
-            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
+        self.placement.put(self.rows.buffer.tensor, self.rows.experts[self.index].spans)
         owned.refuse_foreign_meta(module, self.group.name, self.execution_device)
         return args, kwargs
 
@@ -209,10 +189,7 @@ class ExpertModuleHook(ModelHook):
 
     def put_back(self, module: torch.nn.Module) -> None:
         """The module holds meta tensors again (a device copy of its expert is freed)."""
-        for local, meta in self._meta.items():
-            owner, attr = self._owners[local]
-            owner._parameters[attr] = meta
-        self.placement.release()
+        self.placement.put_back()
 
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the expert forgotten unless cached."""
@@ -222,8 +199,7 @@ class ExpertModuleHook(ModelHook):
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
-        for local, (owner, attr) in self._owners.items():
-            set_module_tensor_to_device(owner, attr, "cpu", value=self.weights_map[local])
+        self.placement.load_back(self.weights_map)
         self.rows.close()
         self.prefetcher.detach()
         return module

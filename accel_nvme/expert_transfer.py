@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 
+from . import owned
+from .tensorkinds import rebuild
 from .transfer import DeviceLayout, Run, aligned_empty, copy_runs, device_layout, mark
 
 if TYPE_CHECKING:
@@ -55,14 +58,68 @@ def _view(data: torch.Tensor, offset: int, t: HostTensor) -> torch.Tensor:
     return data[offset : offset + t.end - t.start].view(t.dtype).view(t.shape)
 
 
-class HostExperts:
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The module holding tensor ``name`` of ``module``, and its attribute there."""
+    path, _, attr = name.rpartition(".")
+    return module.get_submodule(path), attr
+
+
+class ExpertPlacement:
+    """The tensors of an experts module: meta between forwards (recorded as ours: peft places adapters by them), put in
+    place for a forward from what ``place`` gives, meta again after it, read back into RAM when its hook goes. The
+    modules owning them are found once: a wrapper put around one later (peft's LoRA layers) keeps it as its base."""
+
+    device: torch.device
+
+    def __init__(self, tensors: Sequence[HostTensor]):
+        self.tensors = tensors
+        self._meta: dict[str, torch.nn.Parameter] = {}
+        self._owners: dict[str, tuple[torch.nn.Module, str]] = {}
+
+    def leave_meta(self, module: torch.nn.Module) -> None:
+        """``module``'s tensors become meta tensors, recorded as streamed onto ``device``."""
+        for t in self.tensors:
+            owner, attr = self._owners[t.name] = _owner(module, t.name)
+            param = owner._parameters[attr]
+            meta = param if param.device.type == "meta" else torch.nn.Parameter(param.to("meta"), param.requires_grad)
+            self._meta[t.name] = owner._parameters[attr] = meta
+            owned.register(meta, self.device)
+
+    def put(self, host: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
+        """The module's tensors from ``host``'s byte ranges ``spans`` (``place``), in the dtype and class of its meta
+        tensors (files keep a narrower checkpoint dtype for CUDA: widened here)."""
+        values = self.place(host, spans)
+        grad = torch.is_grad_enabled()
+        for name, meta in self._meta.items():
+            owner, attr = self._owners[name]
+            value = rebuild(meta, values[name])
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
+
+    def put_back(self) -> None:
+        """The module holds its meta tensors again; what ``place`` made for the forward is released."""
+        for name, meta in self._meta.items():
+            owner, attr = self._owners[name]
+            owner._parameters[attr] = meta
+        self.release()
+
+    def load_back(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """The module's tensors read into RAM from ``weights`` (as accelerate does when its hook is removed)."""
+        for name, (owner, attr) in self._owners.items():
+            set_module_tensor_to_device(owner, attr, "cpu", value=weights[name])
+
+    def place(self, host: torch.Tensor, spans: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The module's tensors, by name, for a forward using ``host``'s byte ranges ``spans``."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """The module's forward is over."""
+
+
+class HostExperts(ExpertPlacement):
     """CPU execution: the module's tensors view the host buffer (copies of it when grad is enabled)."""
 
     device = torch.device("cpu")
     bytes_copied = 0  # nothing is copied to a device
-
-    def __init__(self, tensors: Sequence[HostTensor]):
-        self.tensors = tensors
 
     def place(self, host: torch.Tensor, spans: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """The module's tensors from ``host``, which holds (at least) the byte ranges ``spans`` the forward uses."""
@@ -74,12 +131,12 @@ class HostExperts:
         """The module's forward is over (its tensors viewed the host buffer: nothing to free)."""
 
 
-class DeviceExperts:
+class DeviceExperts(ExpertPlacement):
     """CUDA execution: the byte ranges a forward uses copied on the side stream into a zeroed, aligned device buffer
     per forward, which compute waits for; every other byte is zero there."""
 
     def __init__(self, tensors: Sequence[HostTensor], prefetcher: Prefetcher):
-        self.tensors = tensors
+        super().__init__(tensors)
         self.prefetcher = prefetcher
         self.device = prefetcher.device
         self.layout = device_layout([(t.start, t.end - t.start) for t in tensors])
@@ -130,7 +187,7 @@ class DeviceExperts:
             copied.synchronize()
 
 
-def expert_placement(tensors: Sequence[HostTensor], prefetcher: Prefetcher) -> HostExperts | DeviceExperts:
+def expert_placement(tensors: Sequence[HostTensor], prefetcher: Prefetcher) -> ExpertPlacement:
     """Where the tensors of an experts module live while it runs: on the prefetcher's device path (CUDA, or its fake in
     tests) a device copy, else views of the host buffer."""
     if prefetcher.runtime is not None:

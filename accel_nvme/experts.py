@@ -27,15 +27,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate.hooks import ModelHook
-from accelerate.utils import set_module_tensor_to_device
 
-from . import owned
 from .expert_modules import expert_starts, is_expert_list, stream_expert_list
 from .expert_rows import FULL_READ_SHARE, Check, Expert, ExpertCache, ExpertRows, attach_with_abort
 from .expert_transfer import HostTensor, expert_placement
 from .prefetch import Prefetcher
 from .store import GroupPlan, Manifest, StoredWeights
-from .tensorkinds import rebuild
 
 if TYPE_CHECKING:
     from .planning import DispatchPlan
@@ -148,7 +145,6 @@ class ExpertsHook(ModelHook):
         )
         self.execution_device = self.placement.device
         self.members = {t.attr: prefix + t.attr for t in tensors}  # local name -> stored name, as the block hook
-        self._meta: dict[str, torch.nn.Parameter] = {}
         self._routing: inspect.Signature | None = None
 
     def __repr__(self) -> str:
@@ -158,13 +154,7 @@ class ExpertsHook(ModelHook):
         """Leave meta tensors in the module; the routing argument is found by ``forward``'s signature."""
         self.prefetcher.attach()
         self._routing = inspect.signature(type(module).forward)
-        for t in self.tensors:
-            param = module._parameters[t.attr]
-            self._meta[t.attr] = (
-                param if param.device.type == "meta" else torch.nn.Parameter(param.to("meta"), param.requires_grad)
-            )
-            module._parameters[t.attr] = self._meta[t.attr]
-            owned.register(self._meta[t.attr], self.execution_device)
+        self.placement.leave_meta(module)
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -178,12 +168,7 @@ class ExpertsHook(ModelHook):
         self.rows.candidates = routed if index.dim() and index.numel() == index.shape[-1] else []  # one token
         self.rows.read_ahead()
         spans = [span for e in routed for span in self.rows.experts[e].spans]  # a prefill's others: read, not placed
-        values = self.placement.place(self.rows.buffer.tensor, spans)
-        grad = torch.is_grad_enabled()
-        for t in self.tensors:
-            meta = self._meta[t.attr]
-            value = rebuild(meta, values[t.attr])  # files keep a narrower checkpoint dtype for CUDA: widened here
-            module._parameters[t.attr] = torch.nn.Parameter(value, requires_grad=grad and meta.requires_grad)
+        self.placement.put(self.rows.buffer.tensor, spans)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
@@ -194,8 +179,7 @@ class ExpertsHook(ModelHook):
 
     def put_back(self, module: torch.nn.Module) -> None:
         """The module holds meta tensors again (a device copy of its rows is freed)."""
-        module._parameters.update(self._meta)
-        self.placement.release()
+        self.placement.put_back()
 
     def abort(self, module: torch.nn.Module) -> None:
         """The forward raised: meta tensors back, and the rows it read that the cache does not hold are forgotten."""
@@ -204,8 +188,7 @@ class ExpertsHook(ModelHook):
 
     def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         """Load the stored tensors back into RAM (as accelerate does on removal) and let the prefetcher close."""
-        for t in self.tensors:
-            set_module_tensor_to_device(module, t.attr, "cpu", value=self.weights_map[t.attr])
+        self.placement.load_back(self.weights_map)
         self.rows.close()
         self.prefetcher.detach()
         return module
