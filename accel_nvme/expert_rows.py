@@ -125,8 +125,8 @@ class ExpertRows:
         self.cache = cache
         self.verify_every_read = verify_every_read
         self.buffer = ExpertBuffer(group.data_bytes)
-        self.expert_bytes = sum(end - start for start, end in self._spans(0))
-        self.ahead: list[ExpertRows] = []  # the experts modules run next, whose reads ``begin`` starts
+        self.expert_bytes = self._nbytes(0)
+        self.ahead: list[ExpertRows] = []  # the experts modules run next, whose reads ``read_ahead`` starts
         self.candidates: list[int] = []  # the experts the last one-token round used: read ahead for the next
         self.last_read: list[int] = []  # the experts whose bytes the round in progress (or the last) read
         self._in_use: set[int] = set()  # loaded in the round in progress: forgotten on abort unless cached
@@ -158,9 +158,7 @@ class ExpertRows:
         end, the rest read now, all in flight at once; each checked against its digests. ``routed``: the experts
         counted as hits or misses."""
         pending = self._pending
-        missing = [
-            e for e in wanted if e not in self._in_use and not self.cache.holds(self, e) and e not in pending.nbytes
-        ]
+        missing = self._absent(wanted)
         confirmed = [e for e in wanted if e in pending.nbytes and e not in self._confirmed]
         hits = sum(1 for e in routed if self.cache.holds(self, e))
         self._in_use.update(wanted)
@@ -176,15 +174,12 @@ class ExpertRows:
     def start(self, experts: list[int]) -> None:
         """Start reading ``experts`` now (those not cached, loaded or in flight), all at once; ``load`` then waits for
         them as for reads ahead, and ``finish`` counts those never loaded as unused."""
-        pending = self._pending
-        new = [
-            e for e in experts if e not in self._in_use and not self.cache.holds(self, e) and e not in pending.nbytes
-        ]
-        if not new:
-            return
-        pending.futures += self.prefetcher.reader.submit(self._segments(new), self.buffer)
-        pending.experts += new
-        pending.nbytes.update({e: sum(end - start for start, end in self._spans(e)) for e in new})
+        new = self._absent(experts)
+        if new:
+            futures, nbytes = self._read(new)
+            self._pending.futures += futures
+            self._pending.experts += new
+            self._pending.nbytes.update(nbytes)
 
     @property
     def pending(self) -> list[int]:
@@ -228,9 +223,7 @@ class ExpertRows:
         experts = [e for e in self.candidates if not self.cache.holds(self, e)]
         if self._speculation.experts or not experts:
             return
-        segments = self._segments(experts)
-        nbytes = {e: sum(end - start for start, end in self._spans(e)) for e in experts}
-        self._speculation = Speculation(experts, self.prefetcher.reader.submit(segments, self.buffer), nbytes)
+        self._speculation = Speculation(experts, *self._read(experts))
 
     def evicted(self, expert: int) -> None:
         """The cache let go of ``expert``: give back its RAM, unless the next read ahead reads it again into the same
@@ -253,6 +246,23 @@ class ExpertRows:
         self.candidates, self._kept, self._in_use = [], set(), set()
         self.cache.drop(self)
         self.buffer.forget(0, self.buffer.nbytes)
+
+    def _absent(self, experts: list[int]) -> list[int]:
+        """Those of ``experts`` neither cached, nor loaded this round, nor being read for it."""
+        return [
+            e
+            for e in experts
+            if e not in self._in_use and not self.cache.holds(self, e) and e not in self._pending.nbytes
+        ]
+
+    def _read(self, experts: list[int]) -> tuple[list[Future], dict[int, int]]:
+        """Start reading sorted ``experts``, all in flight at once: the reads, and the bytes of each expert."""
+        futures = self.prefetcher.reader.submit(self._segments(experts), self.buffer)
+        return futures, {e: self._nbytes(e) for e in experts}
+
+    def _nbytes(self, expert: int) -> int:
+        """Bytes read for ``expert``: its spans widened to the pages they touch."""
+        return sum(end - start for start, end in self._spans(expert))
 
     def _spans(self, expert: int) -> list[tuple[int, int]]:
         """``expert``'s spans widened to the pages they touch."""
