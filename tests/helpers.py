@@ -149,3 +149,21 @@ def run_dit(pipe, device="cpu"):
     """Two denoising steps of class 1 from a fixed seed, as a numpy array."""
     generator = torch.Generator(device).manual_seed(0)
     return pipe(class_labels=[1], num_inference_steps=2, generator=generator, output_type="np").images
+
+
+def adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of a peft model's adapter weights, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def adamw_losses(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
+    """Losses of ``steps`` AdamW steps (lr 1e-2) on ``model``'s trainable parameters, ``ids`` as inputs and labels."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses

@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from helpers import adamw_losses, adapter_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import accel_nvme
@@ -350,10 +351,6 @@ def test_what_counts_as_a_list_of_experts():
     assert not is_expert_list("experts", with_buffers), "no buffers"
 
 
-def adapter_weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def test_lora_on_the_experts_trains_and_loads_as_in_ram(checkpoints, offload_dir, tmp_path):
     """peft LoRA on every expert's projections (DeepSeek style, training mode: every expert called): three AdamW steps
     give the losses and adapters of the model in RAM; the adapter saved and loaded again with
@@ -371,18 +368,7 @@ def test_lora_on_the_experts_trains_and_loads_as_in_ram(checkpoints, offload_dir
     reference, model = models
     assert adapter_weights(model) and all(w.device.type == "cpu" for w in adapter_weights(model).values())
     assert any(".experts.3.up_proj.lora_A" in n for n in adapter_weights(model)), "the experts have adapters"
-    losses = []
-    for m in models:
-        m.train()
-        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        run = []
-        for _ in range(3):
-            loss = m(input_ids=IDS, labels=IDS).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            run.append(loss.detach())
-        losses.append(run)
+    losses = [adamw_losses(m.train(), IDS) for m in models]
     assert all(torch.equal(a, b) for a, b in zip(*losses, strict=True)), losses
     assert not torch.equal(losses[1][0], losses[1][2]), "the adapter trained"
     trained = adapter_weights(model)

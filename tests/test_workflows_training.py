@@ -3,7 +3,7 @@ model in RAM (``torch.equal``), and the base keeps streaming."""
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import adamw_losses, adapter_weights, tiny_llama
 from torch import nn
 
 import accel_nvme
@@ -73,10 +73,6 @@ def assert_streaming(model, groups: int, forwards_before: int | None = None) -> 
     return len(stats.forwards)
 
 
-def adapter_weights(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def test_lora_training_three_adamw_steps_equal_ram(checkpoint, offload_dir):
     reference = get_peft_model(in_ram(checkpoint), lora())
     model = get_peft_model(streamed(checkpoint, offload_dir), lora())
@@ -85,17 +81,7 @@ def test_lora_training_three_adamw_steps_equal_ram(checkpoint, offload_dir):
     assert start and all(w.device.type == "cpu" for w in start.values()), "adapters have real memory"
     for name, weight in adapter_weights(reference).items():
         assert torch.equal(start[name], weight), name
-    losses = []
-    for m in (reference, model):
-        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        run = []
-        for _ in range(3):
-            loss = m(input_ids=IDS, labels=IDS).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            run.append(loss.detach())
-        losses.append(run)
+    losses = [adamw_losses(m, IDS) for m in (reference, model)]
     for expected, actual in zip(*losses, strict=True):
         assert torch.equal(actual, expected)
     assert not torch.equal(losses[1][0], losses[1][2]), "the adapter trained"
